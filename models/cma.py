@@ -1,0 +1,89 @@
+"""Cross-modality attention (CMA): the expression modulates the fused visual map.
+
+Visual tokens first attend to themselves; the expression then scales and shifts
+their normalised copy (FiLM-style), and the tokens attend to that copy. Each
+branch enters through a tanh gate that starts at zero, so a fresh block is the
+identity on top of its input projection.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GatedAttention(nn.Module):
+    """One-head attention, queries layer-normed, keys/values from the raw second input.
+
+    ``form='seed'`` reproduces the reference: each value row is scaled by the sum
+    of its attention column, ``out_j = v_j * sum_i P_ij``. ``form='standard'`` is
+    the usual ``P @ V``.
+    """
+
+    def __init__(self, dim: int, form: str = "seed", scale_dim: int = 64):
+        super().__init__()
+        self.form = form
+        self.scale = scale_dim ** -0.5  # the reference scales by a 64-wide head's factor
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self.to_q(self.norm(x)) * self.scale
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        scores = q @ k.transpose(-2, -1)  # [B, N_q, N_kv]
+        attn = (scores - scores.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
+        if self.form == "seed":
+            out = v * attn.sum(dim=1).unsqueeze(-1)
+        else:
+            out = attn @ v
+        return self.to_out(out)
+
+
+def _feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mult * dim, bias=False), nn.GELU(),
+                         nn.Linear(mult * dim, dim, bias=False))
+
+
+def _text_mlp(dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+
+
+class CrossModalityAttention(nn.Module):
+    def __init__(self, vis_dim: int = 1024, dim: int = 512, dropout: float = 0.1, form: str = "seed"):
+        super().__init__()
+        self.in_proj = nn.Linear(vis_dim, dim, bias=False)
+        self.self_attn = GatedAttention(dim, form)
+        self.self_ff = _feed_forward(dim)
+        self.cross_attn = GatedAttention(dim, form)
+        self.cross_ff = _feed_forward(dim)
+        self.self_attn_gate = nn.Parameter(torch.zeros(1))
+        self.self_ff_gate = nn.Parameter(torch.zeros(1))
+        self.cross_attn_gate = nn.Parameter(torch.zeros(1))
+        self.cross_ff_gate = nn.Parameter(torch.zeros(1))
+        self.text_mlp = _text_mlp(dim, dropout)
+        self.to_gamma = nn.Linear(dim, dim)
+        self.to_beta = nn.Linear(dim, dim)
+        self.film_scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """visual ``[B,C,H,W]``, text ``[B,D]`` -> ``[B,D,H,W]``."""
+        b, _, h, w = visual.shape
+        x = self.in_proj(visual.flatten(2).transpose(1, 2))  # [B, N=H*W, D]
+        x = x + self.self_attn_gate.tanh() * self.self_attn(x, x)
+        x = x + self.self_ff_gate.tanh() * self.self_ff(x)
+        visual_tokens = x
+
+        e = self.text_mlp(text)
+        gamma = self.to_gamma(e).tanh()[:, None, :]
+        beta = self.to_beta(e).tanh()[:, None, :]
+        # Normalised per sample over all N x D values at once (InstanceNorm2d on a 3-D tensor).
+        z = F.layer_norm(x, x.shape[1:], eps=1e-5)
+        z = (gamma * z + beta).relu()
+        z = self.film_scale * z + visual_tokens
+
+        x = visual_tokens + self.cross_attn_gate.tanh() * self.cross_attn(visual_tokens, z)
+        out = visual_tokens + self.cross_ff_gate.tanh() * self.cross_ff(x)
+        return out.transpose(1, 2).reshape(b, -1, h, w)

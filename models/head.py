@@ -1,0 +1,97 @@
+"""Anchor-text matching: the training losses and the box prediction.
+
+Shapes: B samples, K selected anchors, E expressions per sample, D embedding width.
+Similarities are plain dot products (no normalisation, no temperature).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """``[..., B, B]`` -> ``[..., B, B-1]`` with the diagonal removed, row by row."""
+    b = x.shape[-1]
+    keep = ~torch.eye(b, dtype=torch.bool, device=x.device)
+    return x[..., keep].view(*x.shape[:-2], b, b - 1)
+
+
+def contrastive_loss(sim_best: torch.Tensor, sim_second: torch.Tensor) -> torch.Tensor:
+    """Anchor-text contrast with negative-anchor augmentation.
+
+    Row i of the logits: the best anchor of every image for text i, then the
+    second-best anchor of every *other* image; the target is image i.
+    ``sim_*`` are ``[E, B_text, B_image]``; returns ``[E]``.
+    """
+    e, b, _ = sim_best.shape
+    logits = torch.cat([sim_best, _off_diagonal(sim_second)], dim=-1)  # [E, B, 2B-1]
+    target = torch.arange(b, device=logits.device).repeat(e)
+    return F.cross_entropy(logits.flatten(0, 1), target, reduction="none").view(e, b).mean(-1)
+
+
+def false_negative_suppression(best_anchor: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cross-modal similarities pulled towards intra-modal ones, a soft target that tolerates
+    other samples describing the same kind of object.
+
+    best_anchor ``[E,B,D]`` (each text's best anchor in its own image), text ``[E,B,D]``; returns ``[E]``.
+    """
+    intra = (best_anchor @ best_anchor.transpose(1, 2) + text @ text.transpose(1, 2)) / 2
+    cross = best_anchor @ text.transpose(1, 2)
+    return (intra.softmax(-1) - cross.softmax(-1)).abs().mean(dim=(1, 2))
+
+
+def equivariant_regularization(sim_best: torch.Tensor) -> torch.Tensor:
+    """Swapping two samples should change their match scores symmetrically.
+
+    With P the row softmax of ``sim_best`` ``[E,B,B]`` (text i over images j), over
+    ordered pairs i != j: |(P_ii - P_ij) - (P_jj - P_ji)| and |(P_ii - P_ji) - (P_jj - P_ij)|,
+    each averaged; returns ``[E]``.
+    """
+    p = sim_best.softmax(-1)
+    diag = p.diagonal(dim1=1, dim2=2)  # [E, B]
+    p_ii, p_jj = diag[:, :, None], diag[:, None, :]
+    p_ij, p_ji = p, p.transpose(1, 2)
+    d1 = _off_diagonal((p_ii - p_ij) - (p_jj - p_ji))
+    d2 = _off_diagonal((p_ii - p_ji) - (p_jj - p_ij))
+    return d1.abs().mean(dim=(1, 2)) + d2.abs().mean(dim=(1, 2))
+
+
+def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1,
+             er_weight: float = 0.1) -> dict[str, torch.Tensor]:
+    """anchors ``[B,K,D]``, texts ``[B,E,D]`` -> ``{'loss', 'ce'[, 'fns'][, 'er']}``, each the mean over
+    the E expressions; ``loss = ce + fns_weight * fns + er_weight * er``. Terms of weight 0 are skipped."""
+    texts = texts.transpose(0, 1)  # [E, B, D]
+    sim = torch.einsum("eid,jkd->eijk", texts, anchors)  # [E, B_text, B_image, K]
+    top2 = sim.topk(2, dim=-1).values
+    sim_best, sim_second = top2[..., 0], top2[..., 1]
+    ce = contrastive_loss(sim_best, sim_second)
+    loss = ce
+    parts = {"ce": ce.mean()}
+    if fns_weight:
+        own = sim.diagonal(dim1=1, dim2=2)  # [E, K, B]: text i against anchors of image i
+        best_k = own.argmax(dim=1)  # [E, B]
+        best_anchor = anchors[torch.arange(anchors.shape[0], device=anchors.device), best_k]  # [E,B,D]
+        fns = false_negative_suppression(best_anchor, texts)
+        loss = loss + fns_weight * fns
+        parts["fns"] = fns.mean()
+    if er_weight:
+        er = equivariant_regularization(sim_best)
+        loss = loss + er_weight * er
+        parts["er"] = er.mean()
+    return {"loss": loss.mean(), **parts}
+
+
+def predict_boxes(anchors: torch.Tensor, text: torch.Tensor, anchor_boxes: torch.Tensor) -> torch.Tensor:
+    """The box of the anchor that best matches the expression.
+
+    anchors ``[B,K,D]``, text ``[B,D]``, anchor_boxes ``[B,K,4,5+C]`` (cx, cy, w, h, objectness, ...);
+    the best cell's most confident box -> ``[B,1,5]`` (x1, y1, x2, y2, objectness).
+    """
+    b = anchors.shape[0]
+    rows = torch.arange(b, device=anchors.device)
+    best_cell = torch.einsum("bkd,bd->bk", anchors, text).argmax(dim=1)
+    cell_boxes = anchor_boxes[rows, best_cell]  # [B, 4, 5+C]
+    box = cell_boxes[rows, cell_boxes[..., 4].argmax(dim=1)]  # [B, 5+C]
+    x1 = box[:, 0] - box[:, 2] / 2
+    y1 = box[:, 1] - box[:, 3] / 2
+    return torch.stack([x1, y1, x1 + box[:, 2], y1 + box[:, 3], box[:, 4]], dim=1)[:, None]

@@ -1,0 +1,85 @@
+"""The weakly supervised REC model: frozen detector anchors ranked against the expression."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cma import CrossModalityAttention
+from .fusion import MultiScaleFusion
+from .head import predict_boxes, rec_loss
+from .language_encoder import LanguageEncoder
+from .visual_encoder import YOLOv3
+
+
+class REC(nn.Module):
+    """``forward(images [B,3,S,S], refs [B,E,T])``.
+
+    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``).
+    Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels,
+    predicted from the first expression of each sample.
+    """
+
+    def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int):
+        super().__init__()
+        self.select_num = cfg.SELECT_NUM
+        self.fns_weight = cfg.FNS_WEIGHT
+        self.er_weight = cfg.ER_WEIGHT
+        self.freeze_visual = cfg.VIS_FREEZE
+        self.freeze_backbone_bn = cfg.FREEZE_BACKBONE_BN
+        hidden = cfg.HIDDEN_SIZE
+
+        self.visual_encoder = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH)
+        if self.freeze_visual:
+            self.visual_encoder.requires_grad_(False)
+        s32, s16, s8 = self.visual_encoder.channels
+        self.fusion = MultiScaleFusion((s8, s16, s32), hidden=s32)
+        self.language_encoder = LanguageEncoder(
+            token_size, cfg.WORD_EMBED_SIZE, hidden, cfg.N_SA, cfg.MULTI_HEAD, cfg.FF_SIZE, cfg.DROPOUT_R,
+            pretrained_emb if cfg.USE_GLOVE else None, cfg.EMBED_FREEZE)
+        # The reference model owns this projection even with CMA, where nothing runs it.
+        self.anchor_proj = nn.Linear(s32, hidden)
+        self.expr_proj = nn.Linear(hidden, hidden)
+        self.cma = (CrossModalityAttention(s32, hidden, cfg.DROPOUT_R, cfg.CMA_ATTENTION)
+                    if cfg.USE_CMA else None)
+
+    def train(self, mode: bool = True) -> "REC":
+        super().train(mode)
+        if mode and self.freeze_backbone_bn:
+            self.visual_encoder.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, refs: torch.Tensor):
+        b = images.shape[0]
+        if self.training and b < 2:
+            raise ValueError(f"training needs at least 2 samples per batch (got {b}): the contrastive "
+                             "loss has no negatives otherwise; drop the last incomplete batch")
+        if refs.dim() != 3 or refs.shape[0] != b:
+            raise ValueError(f"refs must be [B={b}, expressions, tokens], got {tuple(refs.shape)}")
+        if not self.training:
+            refs = refs[:, :1]
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_visual):
+            (s32, s16, s8), (boxes, _, _) = self.visual_encoder(images, heads=(0,))
+        top = self.fusion(s8, s16, s32)  # [B, C, h, w]
+
+        pooled, _ = self.language_encoder(refs.flatten(0, 1))
+        pooled = pooled.view(b, refs.shape[1], -1)  # [B, E, D]
+
+        # Keep the K cells whose anchors are most confident on average, in grid order.
+        cells = boxes[..., 4].mean(-1).topk(self.select_num, dim=1).indices.sort(dim=1).values  # [B, K]
+        if self.cma is not None:
+            grid = self.cma(top, pooled[:, 0]).flatten(2).transpose(1, 2)  # [B, h*w, D]
+            anchors = _gather_cells(grid, cells)
+        else:
+            anchors = self.anchor_proj(_gather_cells(top.flatten(2).transpose(1, 2), cells))
+        texts = self.expr_proj(pooled)  # [B, E, D]
+
+        if self.training:
+            return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
+        return predict_boxes(anchors, texts[:, 0], _gather_cells(boxes, cells))
+
+
+def _gather_cells(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """x ``[B, N, ...]``, cells ``[B, K]`` -> ``[B, K, ...]``."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], cells]

@@ -1,0 +1,149 @@
+"""Model behaviour beyond parity: weight formats, errors, switches, learning."""
+import pytest
+import torch
+
+from models import CheckpointMismatchError, build_model, load_pretrained_backbone, load_seed_state_dict
+from models.checkpoint import (detector_weight_file_state_dict, reference_state_dict as ours_as_reference,
+                               to_ours, to_reference)
+from reference_weights import read_keys, reference_state_dict
+from utils.config import load_config
+
+
+def _keys(tsv):
+    return [key for key, _, _ in read_keys(tsv)]
+
+
+@pytest.mark.parametrize("tsv,module", [("seed_checkpoint_keys.tsv", None),
+                                        ("yolov3_checkpoint_keys.tsv", "visual_encoder")])
+def test_name_mapping_round_trips(tsv, module):
+    keys = _keys(tsv)
+    ours = [to_ours(k, module) for k in keys]
+    assert len(set(ours)) == len(keys)
+    assert [to_reference(k, module) for k in ours] == keys
+    assert not any("module_list" in k or "process_model" in k for k in ours)
+
+
+def test_seed_checkpoint_keys_load_exactly():
+    model = build_model(load_config("config/refcoco.yaml"), None, 64)
+    state = reference_state_dict()
+    load_seed_state_dict(model, {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}})
+    ours = ours_as_reference(model)
+    assert set(ours) == set(state)
+    for key in ("process_model.inpu.weight", "visual_encoder.module_list.19.guide_wh.bias"):
+        torch.testing.assert_close(ours[key], state[key])
+
+
+def test_refclip_keys_load_into_refclip_config():
+    model = build_model(load_config("config/refclip.yaml"), None, 64)
+    load_seed_state_dict(model, reference_state_dict(drop_prefix="process_model."))
+    assert model.cma is None
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed():
+    model = build_model(load_config("config/refcoco.yaml"), None, 64)
+    state = reference_state_dict()
+    del state["linear_ts.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_seed_state_dict(model, state)
+    assert "expr_proj.bias" in str(err.value) and "extra.weight" in str(err.value)
+    other_vocab = build_model(load_config("config/refcoco.yaml"), None, 80)
+    with pytest.raises(CheckpointMismatchError, match=r"language_encoder.embedding.weight: \(64, 300\)"):
+        load_seed_state_dict(other_vocab, reference_state_dict())
+
+
+def test_pretrained_backbone_file(tmp_path):
+    cfg = load_config("config/refcoco.yaml")
+    model = build_model(cfg, None, 64)
+    weights = {k: (torch.zeros(s, dtype=torch.int64) if d == "int64" else torch.full(s, 0.5))
+               for k, d, s in read_keys("yolov3_checkpoint_keys.tsv")}
+    path = tmp_path / "yolov3_coco.pth"
+    torch.save(weights, path)
+    load_pretrained_backbone(model.visual_encoder, str(path))
+    assert torch.all(model.visual_encoder.layers[19].adaption.deform_conv.weight == 0.5)
+    assert set(detector_weight_file_state_dict(model.visual_encoder)) == set(weights)
+
+    del weights["module_list.37.conv.bias"]
+    torch.save(weights, path)
+    with pytest.raises(CheckpointMismatchError, match="layers.37.pred.bias"):
+        load_pretrained_backbone(model.visual_encoder, str(path))
+    with pytest.raises(FileNotFoundError, match="PRETRAIN_WEIGHT"):
+        load_pretrained_backbone(model.visual_encoder, str(tmp_path / "absent.pth"))
+    with pytest.warns(UserWarning, match="random weights"):
+        load_pretrained_backbone(model.visual_encoder, "none")
+
+
+def _tiny(overrides, *extra):
+    cfg = load_config("config/refcoco.yaml", overrides + list(extra))
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, None, 20)
+
+
+def _batch(cfg, b, e=3):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(b, 3, *cfg.INPUT_SHAPE, generator=g)
+    refs = torch.randint(3, 20, (b, e, cfg.MAX_TOKEN), generator=g)
+    refs[:, :, 4:] = 0
+    return images, refs
+
+
+def test_batch_of_one_in_training_is_a_clear_error(tiny_overrides):
+    cfg, model = _tiny(tiny_overrides)
+    images, refs = _batch(cfg, 1)
+    model.train()
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        model(images, refs)
+    model.eval()
+    with torch.no_grad():
+        assert model(images, refs).shape == (1, 1, 5)
+
+
+@pytest.mark.parametrize("extra", [[], ["CMA_ATTENTION=standard"], ["USE_CMA=false", "NUM_REFS=1"]])
+def test_a_few_steps_lower_the_loss(tiny_overrides, extra):
+    cfg, model = _tiny(tiny_overrides, *extra)
+    images, refs = _batch(cfg, 6, cfg.NUM_REFS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in model.visual_encoder.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(8):
+        out = model(images, refs)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert set(out) >= {"loss", "ce"}
+
+
+def test_loss_parts_follow_the_weights(tiny_overrides):
+    cfg, model = _tiny(tiny_overrides, "FNS_WEIGHT=0.0")
+    model.train()
+    out = model(*_batch(cfg, 4))
+    assert "fns" not in out and "er" in out
+    torch.testing.assert_close(out["loss"], out["ce"] + cfg.ER_WEIGHT * out["er"])
+
+
+def test_attention_forms_differ_only_by_the_switch(tiny_overrides):
+    _, seed = _tiny(tiny_overrides)
+    _, standard = _tiny(tiny_overrides, "CMA_ATTENTION=standard")
+    standard.load_state_dict(seed.state_dict())
+    for gate in ("self_attn_gate", "cross_attn_gate"):
+        getattr(seed.cma, gate).data.fill_(0.5)
+        getattr(standard.cma, gate).data.fill_(0.5)
+    seed.eval(), standard.eval()
+    x, t = torch.randn(2, 128, 4, 4), torch.randn(2, 64)
+    with torch.no_grad():
+        assert not torch.allclose(seed.cma(x, t), standard.cma(x, t))
+        seed.cma.self_attn_gate.data.zero_(), seed.cma.cross_attn_gate.data.zero_()
+        standard.cma.self_attn_gate.data.zero_(), standard.cma.cross_attn_gate.data.zero_()
+        torch.testing.assert_close(seed.cma(x, t), standard.cma(x, t))
+
+
+def test_refs_shape_is_checked(tiny_overrides):
+    cfg, model = _tiny(tiny_overrides)
+    images, refs = _batch(cfg, 2)
+    model.eval()
+    with pytest.raises(ValueError, match="refs must be"):
+        model(images, refs[:, 0])
