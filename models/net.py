@@ -37,11 +37,15 @@ class REC(nn.Module):
         self.language_encoder = LanguageEncoder(
             token_size, cfg.WORD_EMBED_SIZE, hidden, cfg.N_SA, cfg.MULTI_HEAD, cfg.FF_SIZE, cfg.DROPOUT_R,
             pretrained_emb if cfg.USE_GLOVE else None, cfg.EMBED_FREEZE)
-        # The reference model owns this projection even with CMA, where nothing runs it.
         self.anchor_proj = nn.Linear(s32, hidden)
         self.expr_proj = nn.Linear(hidden, hidden)
         self.cma = (CrossModalityAttention(s32, hidden, cfg.DROPOUT_R, cfg.CMA_ATTENTION)
                     if cfg.USE_CMA else None)
+        # Parameters the reference owns but never runs: kept for its checkpoints, and marked
+        # untrainable so that DDP expects no gradient for them (the optimizer would skip them anyway).
+        unused = [self.fusion.mid_proj, self.fusion.bot_proj] + ([self.anchor_proj] if self.cma else [])
+        for module in unused:
+            module.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "REC":
         super().train(mode)

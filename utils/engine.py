@@ -1,0 +1,146 @@
+"""One optimisation step, one training epoch, one evaluation pass."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+from . import distributed as dist_utils
+from .ema import ModelEMA
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for AMP 'bf16' / 'fp16' on CUDA ('bf16' also on CPU); otherwise a no-op."""
+    if amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type != "cuda" and amp == "fp16":
+        raise ValueError("AMP 'fp16' needs CUDA; use 'bf16' or 'none' on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+               scheduler, ema: ModelEMA | None, scaler: torch.amp.GradScaler | None,
+               grad_clip: float, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward, backward, clip, optimizer and scheduler step, EMA update. Returns the loss parts
+    as detached tensors (no host sync here: the caller decides when to read them)."""
+    with autocast(device, amp):
+        out = model(batch["image"], batch["refs"])
+    loss = out["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update(_unwrap(model))
+    return {k: v.detach().float() for k, v in out.items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def check_finite(parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    values = {k: float(v) for k, v in parts.items()}
+    if not math.isfinite(values["loss"]):
+        raise NonFiniteLossError(f"the loss is {values['loss']} at step {step} (parts: {values}); "
+                                 "the last checkpoint is kept. Lower LR, raise GRAD_NORM_CLIP's strictness, "
+                                 "or switch AMP to 'bf16' or 'none'")
+    return values
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, scheduler, ema, scaler, cfg,
+                    device: torch.device, epoch: int, step: int,
+                    on_log: Callable[[int, dict[str, float], float], None] | None = None,
+                    progress=None) -> int:
+    """Runs the batches of one epoch; returns the global step after it. Every PRINT_FREQ steps
+    (and at the end) the loss is read back, checked for NaN, and passed to ``on_log``."""
+    model.train()
+    pending: list[dict[str, torch.Tensor]] = []
+    tick, samples = time.perf_counter(), 0
+    for batch in batches:
+        batch = to_device(batch, device, cfg.CHANNELS_LAST)
+        pending.append(train_step(model, batch, optimizer, scheduler, ema, scaler, cfg.GRAD_NORM_CLIP,
+                                  cfg.AMP, device))
+        step += 1
+        samples += batch["image"].shape[0]
+        if step % cfg.PRINT_FREQ == 0 or progress is not None:
+            _flush(pending, step, samples, tick, optimizer, on_log, progress)
+            tick, samples = time.perf_counter(), 0
+    if pending:
+        _flush(pending, step, samples, tick, optimizer, on_log, progress)
+    return step
+
+
+def _flush(pending, step, samples, tick, optimizer, on_log, progress) -> None:
+    for i, parts in enumerate(pending):
+        values = check_finite(parts, step - len(pending) + i + 1)
+    pending.clear()
+    rate = samples / max(time.perf_counter() - tick, 1e-9)
+    lr = optimizer.param_groups[0]["lr"]
+    if progress is not None:
+        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        progress.update(1)
+    if on_log is not None:
+        on_log(step, {**values, "lr": lr, "samples_per_s": rate}, rate)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+    """Boxes ``[B,4]`` (x1, y1, x2, y2) in original image pixels."""
+    from datasets import letterbox_to_original
+    with autocast(device, amp):
+        boxes = model(batch["image"], batch["refs"])
+    return letterbox_to_original(boxes[:, 0, :4].float(), batch["info"])
+
+
+def gt_xyxy(gt_box: torch.Tensor) -> torch.Tensor:
+    """``[B,1,4]`` or ``[B,4]`` x, y, w, h -> ``[B,4]`` x1, y1, x2, y2."""
+    gt = gt_box.reshape(-1, 4).float()
+    return torch.cat([gt[:, :2], gt[:, :2] + gt[:, 2:]], dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
+             channels_last: bool = False, progress=None) -> dict[str, float]:
+    """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
+    counts are summed, so each sample is counted exactly once."""
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    for batch in loader:
+        batch = to_device(batch, device, channels_last)
+        pred = predict(model, batch, amp, device)
+        iou = box_iou(pred, gt_xyxy(batch["gt_box"])).diagonal()
+        counts[0] += (iou > 0.5).sum()
+        counts[1] += iou.numel()
+        if progress is not None:
+            progress.update(1)
+    correct, n = dist_utils.all_reduce_sum(counts).tolist()
+    return {"acc": 100.0 * correct / max(n, 1), "n": int(n)}
