@@ -1,0 +1,130 @@
+"""The dataset: one sample per annotation entry, as the reference's data pipeline makes it."""
+from __future__ import annotations
+
+import logging
+import os
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .annotations import DataError, describe_entry, image_file_name, load_annotations, select_splits
+from .letterbox import box_to_yolo, letterbox_image
+from .tokens import build_vocab, encode, encode_many, select_expressions
+
+log = logging.getLogger(__name__)
+
+
+class RefDataset(Dataset):
+    """Entries of one split (or '+'-joined splits) of ``cfg.ann_path``.
+
+    An item is a dict:
+
+    - ``refs``: int64 ``[NUM_REFS, MAX_TOKEN]``, the primary expression (drawn
+      at random) first, see ``sample_refs``;
+    - ``image``: float32 ``[3, S, S]``, letterboxed RGB scaled to [0, 1] and
+      normalised with ``MEAN`` / ``STD``;
+    - ``box``: float32 ``[1, 4]``, the box as letterboxed ``cx, cy, w, h`` / S, clipped to [0, 0.99];
+    - ``gt_box``: float32 ``[1, 4]``, the annotation's ``x, y, w, h`` in original pixels;
+    - ``info``: int64 ``[7]``, ``(h, w, nh, nw, dx, dy, iid)``.
+
+    The vocabulary covers every split of the file, so all splits of one file
+    share token ids. The primary expression is drawn with torch's random
+    generator, which the DataLoader seeds per worker (see ``build_loader``);
+    with no workers it is the process's generator.
+    """
+
+    def __init__(self, cfg, split: str):
+        self.split = split
+        self.dataset_name = cfg.DATASET
+        self.ann_path = cfg.ann_path
+        self.image_dir = cfg.image_path
+        self.input_size = cfg.INPUT_SHAPE[0]
+        self.num_refs = cfg.NUM_REFS
+        self.mean = torch.tensor(cfg.MEAN, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(cfg.STD, dtype=torch.float32).view(3, 1, 1)
+
+        data = load_annotations(self.ann_path, self.dataset_name)
+        selected = select_splits(data, split, self.ann_path)
+        if not os.path.isdir(self.image_dir):
+            raise DataError(f"image folder not found: {self.image_dir} "
+                            f"(set IMAGE_PATH['{self.dataset_name}'] in the config)")
+
+        self.vocab, self.max_token_seen = build_vocab(data)
+        self.token_to_ix = {token: i for i, token in enumerate(self.vocab)}
+        # MAX_TOKEN -1 means "the longest expression of the file", as in the reference.
+        self.max_token = self.max_token_seen if cfg.MAX_TOKEN == -1 else cfg.MAX_TOKEN
+        if self.max_token < 1:
+            raise DataError(f"MAX_TOKEN must be positive (or -1 for the longest expression), "
+                            f"got {cfg.MAX_TOKEN}")
+
+        self.entries: list[dict] = []
+        self.entry_names: list[str] = []
+        missing: list[tuple[str, str]] = []
+        exists: dict[str, bool] = {}  # many entries share an image: one stat per file
+        for split_name, index in selected:
+            entry = data[split_name][index]
+            name = describe_entry(split_name, index, entry)
+            path = self.image_file(entry)
+            if path not in exists:
+                exists[path] = os.path.isfile(path)
+            if exists[path]:
+                self.entries.append(entry)
+                self.entry_names.append(name)
+            else:
+                missing.append((name, path))
+        if missing and not cfg.SKIP_BAD_IMAGES:
+            name, path = missing[0]
+            raise DataError(f"image {path} of {name} in {self.ann_path} not found ({len(missing)} of "
+                            f"{len(selected)} entries of split '{split}' lack their image); check "
+                            f"IMAGE_PATH['{self.dataset_name}'], or set SKIP_BAD_IMAGES: True to skip them")
+        # (entry, image path) of each entry left out under SKIP_BAD_IMAGES.
+        self.skipped = missing
+        if missing:
+            log.warning("split '%s' of %s: skipped %d of %d entries whose image is missing (first: %s, %s)",
+                        split, self.ann_path, len(missing), len(selected), *missing[0])
+        log.info("split '%s' of %s: %d samples, vocabulary of %d tokens, longest expression %d words "
+                 "(MAX_TOKEN %d)", split, self.ann_path, len(self.entries), len(self.vocab),
+                 self.max_token_seen, self.max_token)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def image_file(self, entry: dict) -> str:
+        return os.path.join(self.image_dir, image_file_name(self.dataset_name, entry["iid"]))
+
+    def encode(self, text: str) -> np.ndarray:
+        """int64 token ids of length ``max_token`` (PAD-padded, truncated, unknown words UNK)."""
+        return encode(text, self.token_to_ix, self.max_token)
+
+    def sample_refs(self, index: int, primary: int) -> np.ndarray:
+        """``[NUM_REFS, max_token]`` ids: expression ``primary`` first, then the others in file order."""
+        refs = self.entries[index]["refs"]
+        chosen = select_expressions(len(refs), primary, self.num_refs)
+        return encode_many([refs[i] for i in chosen], self.token_to_ix, self.max_token)
+
+    def letterboxed(self, index: int) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The letterboxed RGB uint8 image of entry ``index`` and its info ``(h, w, nh, nw, dx, dy, iid)``."""
+        entry = self.entries[index]
+        path = self.image_file(entry)
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise DataError(f"cannot read image {path} of {self.entry_names[index]} in {self.ann_path} "
+                            f"(missing, unreadable or not an image)")
+        square, geometry = letterbox_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), self.input_size)
+        return square, geometry + (entry["iid"],)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        entry = self.entries[index]
+        primary = int(torch.randint(len(entry["refs"]), ()))
+        square, info = self.letterboxed(index)
+        image = torch.from_numpy(square).permute(2, 0, 1).contiguous().float().div(255)
+        gt_box = np.array([entry["bbox"]], dtype=np.float64)
+        return {
+            "refs": torch.from_numpy(self.sample_refs(index, primary)),
+            "image": (image - self.mean) / self.std,
+            "box": torch.from_numpy(box_to_yolo(gt_box, info, self.input_size)).float(),
+            "gt_box": torch.from_numpy(gt_box).float(),
+            "info": torch.tensor(info, dtype=torch.int64),
+        }
