@@ -1,16 +1,18 @@
 """DataLoader factory: batching, workers and seeding, single-process or distributed.
 
-Repeatability: shuffling and the per-worker seeds come from a
-``torch.Generator`` seeded with ``seed`` (default ``cfg.SEED``), so the order of
-samples and the random primary expression of each sample are the same run to
-run. With ``NUM_WORKER`` 0 the primary expression comes from the process's
-global torch generator instead, which the training script seeds.
+Repeatability: training batches come from ``EpochSampler``, whose order is a
+function of (seed, epoch) and which hands each index over with a draw key
+derived from (seed, epoch, index); the dataset draws the sample's random
+primary expression from that key. So an epoch is the same whatever the
+number of workers, whether they persist, and where a resumed run starts in
+it (``set_epoch(epoch, start_batch)``). Evaluation draws nothing that matters
+(evaluation entries hold one expression each).
 
 Distributed runs (``torch.distributed`` initialised):
 
-- training uses ``DistributedSampler`` (shuffled with ``seed``, the same on
-  every rank, the tail dropped so that every rank has as many batches);
-  calling ``sampler.set_epoch(epoch)`` each epoch is the caller's job;
+- training uses ``EpochSampler`` on every rank (see below), each rank taking
+  every world_size-th index of the shared permutation, the tail dropped so
+  that every rank has as many batches;
 - evaluation uses ``ShardSampler``: each rank gets one contiguous slice, with
   no padding and no sample dropped, so counts (and accuracies gathered from
   the ranks) are exact; rank r's slice comes before rank r+1's.
@@ -23,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ShardSampler(Sampler[int]):
@@ -40,6 +42,35 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Training order: a permutation seeded by (seed, epoch), this rank's share of it (every
+    ``world_size``-th index, the tail dropped so ranks have equal counts), from ``start_batch``
+    on. Yields ``(index, draw_key)``; ``draw_key`` seeds the sample's own random choices."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = length // world_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(
+            _mix(self.seed, self.epoch)))[self.rank:self.per_rank * self.world_size:self.world_size]
+        for index in order[self.start_batch * self.batch_size:].tolist():
+            yield index, _mix(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start_batch * self.batch_size)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a tuple of integers (numpy's SeedSequence does the hashing)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def seed_worker(worker_id: int) -> None:
@@ -72,25 +103,21 @@ def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None =
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1 per process, got {batch_size}")
 
-    if distributed and train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                     shuffle=True, seed=seed, drop_last=True)
+    if train:
+        sampler = EpochSampler(len(dataset), batch_size, seed, rank, world_size)
+        if len(sampler) < batch_size:
+            raise ValueError(f"the training data has {len(dataset)} samples, too few for one batch of "
+                             f"{batch_size} per process; lower BATCH_SIZE")
     elif distributed:
         sampler = ShardSampler(len(dataset), rank, world_size)
     else:
         sampler = None
-    if train and (len(sampler) if sampler is not None else len(dataset)) < batch_size:
-        raise ValueError(f"the training data has {len(dataset)} samples, too few for one batch of "
-                         f"{batch_size} per process; lower BATCH_SIZE")
 
-    # Different ranks draw different primaries; the shuffle order itself is the
-    # DistributedSampler's, shared by all ranks.
     generator = torch.Generator().manual_seed(seed + rank)
     workers = cfg.NUM_WORKER
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train,
         num_workers=workers,

@@ -30,9 +30,9 @@ class RefDataset(Dataset):
     - ``info``: int64 ``[7]``, ``(h, w, nh, nw, dx, dy, iid)``.
 
     The vocabulary covers every split of the file, so all splits of one file
-    share token ids. The primary expression is drawn with torch's random
-    generator, which the DataLoader seeds per worker (see ``build_loader``);
-    with no workers it is the process's generator.
+    share token ids. The primary expression is drawn from the key the training
+    sampler passes with each index (see ``EpochSampler``), or, for a plain
+    index, from torch's random generator.
     """
 
     def __init__(self, cfg, split: str):
@@ -115,9 +115,16 @@ class RefDataset(Dataset):
         square, geometry = letterbox_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), self.input_size)
         return square, geometry + (entry["iid"],)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``key``: an index (the primary drawn from torch's generator), or ``(index, draw_key)`` as
+        ``EpochSampler`` gives them (the primary drawn from ``draw_key``, repeatable)."""
+        if isinstance(key, tuple):
+            index, draw_key = key
+            primary = int(np.random.default_rng(draw_key).integers(len(self.entries[index]["refs"])))
+        else:
+            index = key
+            primary = int(torch.randint(len(self.entries[index]["refs"]), ()))
         entry = self.entries[index]
-        primary = int(torch.randint(len(entry["refs"]), ()))
         square, info = self.letterboxed(index)
         image = torch.from_numpy(square).permute(2, 0, 1).contiguous().float().div(255)
         gt_box = np.array([entry["bbox"]], dtype=np.float64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from datasets import (DataError, RefDataset, ShardSampler, box_to_yolo, build_loader, letterbox_geometry,
+from datasets import (DataError, EpochSampler, RefDataset, ShardSampler, box_to_yolo, build_loader, letterbox_geometry,
                       letterbox_image, letterbox_to_original, original_to_letterbox, select_expressions,
                       tokenize)
 from utils.config import load_config
@@ -347,7 +347,22 @@ def test_loader_is_repeatable_with_workers(tmp_path):
     run = first_tokens(first)
     assert run == first_tokens(build_loader(cfg, dataset, train=True, seed=5))
     assert run != first_tokens(build_loader(cfg, dataset, train=True, seed=6))
+    assert first_tokens(first) == run  # the epoch, not the worker state, decides the draws
+    first.sampler.set_epoch(1)
     assert first_tokens(first) != run  # the next epoch: another order and other primaries
+
+
+def test_an_epoch_resumed_mid_way_replays_its_tail(tmp_path):
+    cfg = loader_config(tmp_path, "BATCH_SIZE=2")
+    dataset = RefDataset(cfg, "train")
+    loader = build_loader(cfg, dataset, train=True, seed=3)
+    loader.sampler.set_epoch(4)
+    full = [(b["info"][:, 6].tolist(), b["refs"].tolist()) for b in loader]
+    cfg.NUM_WORKER = 2
+    workers = build_loader(cfg, dataset, train=True, seed=3)
+    workers.sampler.set_epoch(4, start_batch=2)
+    tail = [(b["info"][:, 6].tolist(), b["refs"].tolist()) for b in workers]
+    assert len(full) == 4 and tail == full[2:]
 
 
 def test_too_small_training_set_is_an_error(tmp_path):
@@ -369,7 +384,7 @@ def test_distributed_loaders(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         train = build_loader(cfg, RefDataset(cfg, "train"), train=True, distributed=True)
-        assert isinstance(train.sampler, torch.utils.data.DistributedSampler) and len(train) == 4
+        assert isinstance(train.sampler, EpochSampler) and len(train) == 4
         evaluation = build_loader(cfg, RefDataset(cfg, "val"), train=False, distributed=True)
         assert isinstance(evaluation.sampler, ShardSampler) and len(evaluation.sampler) == 7
     finally:
