@@ -241,7 +241,7 @@ def default_config() -> Config:
 
 def load_config(path: str | None, overrides: Iterable[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``KEY=VALUE`` overrides."""
-    cfg = default_config()
+    raw: Any = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
@@ -250,19 +250,26 @@ def load_config(path: str | None, overrides: Iterable[str] | None = None) -> Con
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold sections {list(SCHEMA)} at its top level")
-        for section, keys in raw.items():
-            if section not in SCHEMA:
-                raise ConfigError(f"{path}: unknown section '{section}'; sections are {list(SCHEMA)}")
-            for key, value in (keys or {}).items():
-                if key in _SECTION_OF and _SECTION_OF[key] != section:
-                    raise ConfigError(f"{path}: key '{key}' belongs in section "
-                                      f"{_SECTION_OF[key]}, not {section}")
-                try:
-                    setattr(cfg, key, value)
-                except ConfigError as err:
-                    raise ConfigError(f"{path}: {err}") from None
+    return config_from_dict(raw, overrides, source=path or "the config")
+
+
+def config_from_dict(raw: Any, overrides: Iterable[str] | None = None, source: str = "the config") -> Config:
+    """Defaults, then a sectioned dict (the layout of the YAML files, ``Config.to_dict()``), then
+    ``KEY=VALUE`` overrides; every value checked."""
+    cfg = default_config()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold sections {list(SCHEMA)} at its top level")
+    for section, keys in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section '{section}'; sections are {list(SCHEMA)}")
+        for key, value in (keys or {}).items():
+            if key in _SECTION_OF and _SECTION_OF[key] != section:
+                raise ConfigError(f"{source}: key '{key}' belongs in section "
+                                  f"{_SECTION_OF[key]}, not {section}")
+            try:
+                setattr(cfg, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
     for text in overrides or ():
         key, value = parse_override(text)
         setattr(cfg, key, value)
