@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from typing import Callable, Iterable
@@ -76,12 +77,31 @@ def check_finite(parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
     return values
 
 
+class StopRequest:
+    """Set by the first Ctrl-C (SIGINT) or SIGTERM: the loop finishes its step, then stops so the
+    caller can save a consistent checkpoint. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, scheduler, ema, scaler, cfg,
-                    device: torch.device, epoch: int, step: int,
-                    on_log: Callable[[int, dict[str, float], float], None] | None = None,
-                    progress=None) -> int:
-    """Runs the batches of one epoch; returns the global step after it. Every PRINT_FREQ steps
-    (and at the end) the loss is read back, checked for NaN, and passed to ``on_log``."""
+                    device: torch.device, step: int,
+                    on_log: Callable[[int, dict[str, float]], None] | None = None,
+                    progress=None, stop: StopRequest | None = None) -> int:
+    """Runs the batches of one epoch (or until ``stop`` is requested); returns the global step.
+
+    Losses stay on the device between log points: every PRINT_FREQ steps, and at the end, they
+    are read back in one go, checked for NaN/inf (:class:`NonFiniteLossError` names the first bad
+    step) and the last one is passed to ``on_log`` with the learning rate and throughput."""
     model.train()
     pending: list[dict[str, torch.Tensor]] = []
     tick, samples = time.perf_counter(), 0
@@ -91,25 +111,28 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, schedu
                                   cfg.AMP, device))
         step += 1
         samples += batch["image"].shape[0]
-        if step % cfg.PRINT_FREQ == 0 or progress is not None:
-            _flush(pending, step, samples, tick, optimizer, on_log, progress)
+        if progress is not None:
+            progress.update(1)
+        if step % cfg.PRINT_FREQ == 0:
+            _report(pending, step, samples / (time.perf_counter() - tick), optimizer, on_log, progress)
             tick, samples = time.perf_counter(), 0
+        if stop is not None and stop.requested:
+            break
     if pending:
-        _flush(pending, step, samples, tick, optimizer, on_log, progress)
+        _report(pending, step, samples / max(time.perf_counter() - tick, 1e-9), optimizer, on_log, progress)
     return step
 
 
-def _flush(pending, step, samples, tick, optimizer, on_log, progress) -> None:
+def _report(pending: list, step: int, rate: float, optimizer, on_log, progress) -> None:
     for i, parts in enumerate(pending):
         values = check_finite(parts, step - len(pending) + i + 1)
     pending.clear()
-    rate = samples / max(time.perf_counter() - tick, 1e-9)
-    lr = optimizer.param_groups[0]["lr"]
+    values.update(lr=optimizer.param_groups[0]["lr"], samples_per_s=rate)
     if progress is not None:
-        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-        progress.update(1)
+        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                             samples_s=f"{rate:.1f}")
     if on_log is not None:
-        on_log(step, {**values, "lr": lr, "samples_per_s": rate}, rate)
+        on_log(step, values)
 
 
 @torch.no_grad()

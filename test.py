@@ -1,0 +1,188 @@
+"""Evaluate a checkpoint on every split, draw predictions, export pseudo-labels.
+
+    python test.py --config config/refcoco.yaml --eval-weights logs/refcoco/best.pth
+    python test.py --config config/refcoco.yaml --eval-weights CKPT --splits val,testA --out-json acc.json
+    python test.py --config config/refcoco.yaml --eval-weights CKPT --visualize 20 --vis-dir vis/
+    python test.py --config config/refcoco.yaml --eval-weights CKPT --export-pseudo-labels pseudo.json
+    torchrun --nproc_per_node=4 test.py --config config/refcoco.yaml --eval-weights CKPT
+
+Accepts this project's checkpoints and the reference's (``{epoch, state_dict, ...}``).
+Acc@0.5: the share of expressions whose predicted box overlaps the annotated
+one with IoU > 0.5. Evaluation splits: ``--splits``, else EVAL_SPLITS, else
+every split of the annotation file except TRAIN_SPLIT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datasets import RefDataset, build_loader, load_annotations
+from utils import distributed as dist_utils
+from utils.config import Config, load_config
+from utils.engine import evaluate, gt_xyxy, predict, to_device
+from utils.inference import model_for_evaluation
+from utils.logger import setup_logger
+
+log = logging.getLogger("rec")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the YAML config the checkpoint was trained with")
+    parser.add_argument("--eval-weights", required=True, help="checkpoint to evaluate")
+    parser.add_argument("--splits", default="", help="comma-separated splits (default: see above)")
+    parser.add_argument("--out-json", default="", help='write {split: {"acc": %%, "n": count}} here')
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="draw N predictions of the first split (expression, ground truth, prediction)")
+    parser.add_argument("--vis-dir", default="", help="folder for --visualize (default LOG_PATH/vis)")
+    parser.add_argument("--export-pseudo-labels", default="", metavar="FILE",
+                        help="write the annotation file with predicted boxes for TRAIN_SPLIT")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return parser
+
+
+def eval_splits(cfg: Config, requested: str) -> list[str]:
+    if requested:
+        return [s.strip() for s in requested.split(",") if s.strip()]
+    if cfg.EVAL_SPLITS:
+        return list(cfg.EVAL_SPLITS)
+    return [s for s in load_annotations(cfg.ann_path, cfg.DATASET) if s not in cfg.TRAIN_SPLIT.split("+")]
+
+
+class FirstExpression(Dataset):
+    """Items of ``dataset`` carrying only the entry's first expression (file order), so that what
+    is predicted does not depend on a random draw."""
+
+    def __init__(self, dataset: RefDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        item["refs"] = torch.from_numpy(self.dataset.sample_refs(index, 0)[:1])
+        item["index"] = index
+        return item
+
+
+def predict_all(model, dataset: RefDataset, cfg: Config, device: torch.device) -> np.ndarray:
+    """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels) from each entry's first expression."""
+    loader = DataLoader(FirstExpression(dataset), batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
+    boxes = np.zeros((len(dataset), 4))
+    for batch in tqdm(loader, desc="predicting", disable=not dist_utils.is_main(), leave=False):
+        batch = to_device(batch, device, cfg.CHANNELS_LAST)
+        boxes[batch["index"].cpu().numpy()] = predict(model, batch, cfg.AMP, device).cpu().numpy()
+    return boxes
+
+
+def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str) -> int:
+    """The annotation file with TRAIN_SPLIT's boxes replaced by predictions (RefCLIP's pseudo-labels
+    for training other REC models). Each training entry's box is predicted from its first
+    expression; entries keep every other field, and the other splits are copied unchanged."""
+    data = load_annotations(cfg.ann_path, cfg.DATASET)
+    out = dict(data)
+    for split in cfg.TRAIN_SPLIT.split("+"):
+        dataset = RefDataset(cfg, split)
+        if dataset.skipped:
+            raise RuntimeError(f"{len(dataset.skipped)} entries of '{split}' lack their image; pseudo-labels "
+                               "need every entry (set SKIP_BAD_IMAGES: False to see which)")
+        boxes = predict_all(model, dataset, cfg, device)
+        out[split] = [dict(entry, bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)])
+                      for entry, (x1, y1, x2, y2) in zip(data[split], boxes)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f)
+    return sum(len(out[s]) for s in cfg.TRAIN_SPLIT.split("+"))
+
+
+def draw(image: np.ndarray, expression: str, gt: np.ndarray, pred: np.ndarray, hit: bool) -> np.ndarray:
+    """Ground truth in green, prediction in red (or blue when correct), the expression on top."""
+    canvas = image.copy()
+    for box, color in ((gt, (0, 200, 0)), (pred, (255, 128, 0) if hit else (0, 0, 255))):
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 2)
+    band = np.full((28, canvas.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, expression[:80], (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, canvas], axis=0)
+
+
+def visualize(model, dataset: RefDataset, cfg: Config, device: torch.device, count: int, folder: str) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    subset = torch.utils.data.Subset(FirstExpression(dataset), range(min(count, len(dataset))))
+    paths = []
+    for batch in DataLoader(subset, batch_size=min(count, cfg.BATCH_SIZE) or 1):
+        batch = to_device(batch, device, cfg.CHANNELS_LAST)
+        preds = predict(model, batch, cfg.AMP, device).cpu().numpy()
+        gts = gt_xyxy(batch["gt_box"]).cpu().numpy()
+        for index, pred, gt in zip(batch["index"].tolist(), preds, gts):
+            entry = dataset.entries[index]
+            image = cv2.imread(dataset.image_file(entry), cv2.IMREAD_COLOR)
+            iou = float(_iou(pred, gt))
+            path = os.path.join(folder, f"{dataset.split}_{index:05d}_iid{entry['iid']}.png")
+            cv2.imwrite(path, draw(image, entry["refs"][0], gt, pred, iou > 0.5))
+            paths.append(path)
+    return paths
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = [f"{'split':<12}{'Acc@0.5':>9}{'n':>8}"]
+    lines += [f"{split:<12}{r['acc']:>9.2f}{r['n']:>8d}" for split, r in results.items()]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    device = dist_utils.local_device(args.device)
+    distributed = dist_utils.init_distributed(device, cfg.DIST_BACKEND)
+    is_main = dist_utils.is_main()
+    setup_logger(None, "test", is_main)
+    try:
+        splits = eval_splits(cfg, args.splits)
+        datasets = {split: RefDataset(cfg, split) for split in splits}
+        vocab = next(iter(datasets.values())).vocab if datasets else RefDataset(cfg, cfg.TRAIN_SPLIT).vocab
+        model = model_for_evaluation(args.eval_weights, cfg, vocab, device)
+        if cfg.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+
+        results = {}
+        for split, dataset in datasets.items():
+            loader = build_loader(cfg, dataset, train=False, distributed=distributed)
+            results[split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST)
+        if is_main:
+            print(format_table(results))
+            if args.out_json:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
+                with open(args.out_json, "w") as f:
+                    json.dump(results, f, indent=2)
+            if args.visualize and datasets:
+                folder = args.vis_dir or os.path.join(cfg.LOG_PATH, "vis")
+                paths = visualize(model, next(iter(datasets.values())), cfg, device, args.visualize, folder)
+                print(f"visualizations: {len(paths)} images in {folder}")
+            if args.export_pseudo_labels:
+                count = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels)
+                print(f"pseudo-labels: {count} training entries written to {args.export_pseudo_labels}")
+    finally:
+        dist_utils.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
