@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import cv2
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from datasets import encode, letterbox_image, letterbox_to_original
 from utils.checkpoint import load_checkpoint
 from utils.distributed import local_device
+from utils.cli import run_main
 from utils.inference import config_from_checkpoint, model_for_evaluation
 
 
@@ -70,4 +70,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_main(main, get_args_parser())

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import cv2
 import numpy as np
@@ -30,6 +29,7 @@ from utils import distributed as dist_utils
 from utils.config import Config, load_config
 from utils.engine import evaluate, gt_xyxy, predict, to_device
 from utils.inference import model_for_evaluation
+from utils.cli import run_main
 from utils.logger import setup_logger
 
 log = logging.getLogger("rec")
@@ -185,4 +185,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_main(main, get_args_parser())

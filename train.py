@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -20,12 +19,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets import RefDataset, build_loader, load_word_vectors
-from models import build_model, load_pretrained_backbone
+from models import CheckpointMismatchError, build_model, load_pretrained_backbone
+from models.checkpoint import load_matching
 from utils import distributed as dist_utils
 from utils.checkpoint import FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
 from utils.config import Config, ConfigError, load_config
 from utils.ema import ModelEMA
 from utils.engine import NonFiniteLossError, StopRequest, evaluate, train_one_epoch
+from utils.cli import run_main
 from utils.logger import setup_logger
 from utils.scheduler import build_scheduler
 
@@ -119,14 +120,14 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         ckpt = load_checkpoint(args.resume, "checkpoint to resume")
         if ckpt.get("format") != FORMAT:
-            raise RuntimeError(f"{args.resume} is not a training checkpoint of this project (a reference "
+            raise CheckpointMismatchError(f"{args.resume} is not a training checkpoint of this project (a reference "
                                "checkpoint can be evaluated with test.py, not resumed)")
         if ckpt["vocab"] != list(vocab):
-            raise RuntimeError(f"{args.resume} was trained with another vocabulary (another annotation file?)")
-        model.load_state_dict(ckpt["model"])
+            raise CheckpointMismatchError(f"{args.resume} was trained with another vocabulary (another annotation file?)")
+        load_matching(model, ckpt["model"], args.resume)
         if ema is not None:
             if ckpt["ema"] is None:
-                raise RuntimeError(f"{args.resume} has no EMA state but USE_EMA is on")
+                raise CheckpointMismatchError(f"{args.resume} has no EMA state but USE_EMA is on")
             ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -203,4 +204,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_main(main, get_args_parser())

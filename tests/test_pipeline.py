@@ -108,14 +108,12 @@ def test_interrupted_run_resumes_to_identical_results(tiny, sig):
 
     args = overrides(root, tiny, "EPOCHS=3", "PRINT_FREQ=1", logs=name)
     last = root / name / "last.pth"
-    log_lines = []
     if sig == signal.SIGKILL:
         code, output = _train_until(args, lambda: _epoch_of(last) == 1, sig)
         assert code == -signal.SIGKILL
         assert weights(last)["epoch"] == 1 and weights(last)["batch_in_epoch"] == 0
     else:
         # Ctrl-C once step 6 (mid epoch 2) is logged: the run saves where it stopped and exits.
-        log_lines = []
         code, output = _train_until(args, lambda: _logged_step(root / name, 6), sig)
         assert code == 130, output[-2000:]
         assert weights(last)["batch_in_epoch"] > 0

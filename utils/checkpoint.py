@@ -8,6 +8,8 @@ import tempfile
 import numpy as np
 import torch
 
+from models.checkpoint import CheckpointMismatchError
+
 FORMAT = "rec-train-v1"
 
 
@@ -36,10 +38,10 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file, or one holding arbitrary pickled objects
-        raise RuntimeError(f"cannot read {what} {path}: {err}. It may be damaged, or hold objects "
+        raise CheckpointMismatchError(f"cannot read {what} {path}: {err}. It may be damaged, or hold objects "
                            "other than tensors and plain containers (only those are loaded)") from err
     if not isinstance(obj, dict):
-        raise RuntimeError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
+        raise CheckpointMismatchError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
     return obj
 
 

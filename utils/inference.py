@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models import REC, build_model, load_seed_state_dict
+from models import REC, CheckpointMismatchError, build_model, load_seed_state_dict
 from models.checkpoint import load_matching
 from .checkpoint import FORMAT, load_checkpoint
 from .config import Config, config_from_dict
@@ -12,7 +12,7 @@ from .config import Config, config_from_dict
 def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = None) -> Config:
     """The config a checkpoint of this project was trained with (plus ``overrides``)."""
     if ckpt.get("format") != FORMAT:
-        raise RuntimeError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
+        raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
                            "with test.py --config <the config it was trained with>")
     return config_from_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
 
@@ -27,7 +27,7 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
     model = build_model(cfg, None, len(vocab))
     if ckpt.get("format") == FORMAT:
         if ckpt["vocab"] != list(vocab):
-            raise RuntimeError(f"{path} was trained with a vocabulary of {len(ckpt['vocab'])} tokens that "
+            raise CheckpointMismatchError(f"{path} was trained with a vocabulary of {len(ckpt['vocab'])} tokens that "
                                f"differs from this annotation file's ({len(vocab)} tokens): evaluate with "
                                "the annotation file it was trained on")
         load_matching(model, ckpt["state_dict"], path)
