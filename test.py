@@ -27,7 +27,7 @@ from tqdm import tqdm
 from datasets import RefDataset, build_loader, load_annotations
 from utils import distributed as dist_utils
 from utils.config import Config, load_config
-from utils.engine import evaluate, gt_xyxy, predict, to_device
+from utils.engine import BASELINES, evaluate, gt_xyxy, predict, text_blind_predictor, to_device
 from utils.inference import model_for_evaluation
 from utils.cli import run_main
 from utils.logger import setup_logger
@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vis-dir", default="", help="folder for --visualize (default LOG_PATH/vis)")
     parser.add_argument("--export-pseudo-labels", default="", metavar="FILE",
                         help="write the annotation file with predicted boxes for TRAIN_SPLIT")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score two text-blind baselines (random_anchor, most_confident_anchor)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
@@ -143,8 +145,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = [f"{'split':<12}{'Acc@0.5':>9}{'n':>8}"]
-    lines += [f"{split:<12}{r['acc']:>9.2f}{r['n']:>8d}" for split, r in results.items()]
+    """One row per split; with baselines, one column per baseline."""
+    baselines = results.get("baselines", {})
+    splits = [s for s in results if s != "baselines"]
+    lines = [f"{'split':<12}{'Acc@0.5':>9}{'n':>8}" + "".join(f"{kind:>24}" for kind in baselines)]
+    for split in splits:
+        row = f"{split:<12}{results[split]['acc']:>9.2f}{results[split]['n']:>8d}"
+        lines.append(row + "".join(f"{baselines[kind][split]['acc']:>24.2f}" for kind in baselines))
     return "\n".join(lines)
 
 
@@ -162,10 +169,15 @@ def main(args: argparse.Namespace) -> int:
         if cfg.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
 
-        results = {}
+        results, baselines = {}, {kind: {} for kind in (BASELINES if args.baselines else ())}
         for split, dataset in datasets.items():
             loader = build_loader(cfg, dataset, train=False, distributed=distributed)
             results[split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST)
+            for kind in baselines:
+                baselines[kind][split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST,
+                                                  predictor=text_blind_predictor(kind, cfg.SEED))
+        if baselines:
+            results["baselines"] = baselines
         if is_main:
             print(format_table(results))
             if args.out_json:

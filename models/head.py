@@ -87,10 +87,15 @@ def predict_boxes(anchors: torch.Tensor, text: torch.Tensor, anchor_boxes: torch
     anchors ``[B,K,D]``, text ``[B,D]``, anchor_boxes ``[B,K,4,5+C]`` (cx, cy, w, h, objectness, ...);
     the best cell's most confident box -> ``[B,1,5]`` (x1, y1, x2, y2, objectness).
     """
-    b = anchors.shape[0]
-    rows = torch.arange(b, device=anchors.device)
     best_cell = torch.einsum("bkd,bd->bk", anchors, text).argmax(dim=1)
-    cell_boxes = anchor_boxes[rows, best_cell]  # [B, 4, 5+C]
+    return cell_box(anchor_boxes, best_cell)
+
+
+def cell_box(anchor_boxes: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """The most confident of the 4 boxes of ``cell`` ``[B]`` (an index into K) as ``[B,1,5]``
+    (x1, y1, x2, y2, objectness)."""
+    rows = torch.arange(anchor_boxes.shape[0], device=anchor_boxes.device)
+    cell_boxes = anchor_boxes[rows, cell]  # [B, 4, 5+C]
     box = cell_boxes[rows, cell_boxes[..., 4].argmax(dim=1)]  # [B, 5+C]
     x1 = box[:, 0] - box[:, 2] / 2
     y1 = box[:, 1] - box[:, 3] / 2

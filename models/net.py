@@ -70,8 +70,7 @@ class REC(nn.Module):
         pooled, _ = self.language_encoder(refs.flatten(0, 1))
         pooled = pooled.view(b, refs.shape[1], -1)  # [B, E, D]
 
-        # Keep the K cells whose anchors are most confident on average, in grid order.
-        cells = boxes[..., 4].mean(-1).topk(self.select_num, dim=1).indices.sort(dim=1).values  # [B, K]
+        cells = self.select_cells(boxes)
         if self.cma is not None:
             grid = self.cma(top, pooled[:, 0]).flatten(2).transpose(1, 2)  # [B, h*w, D]
             anchors = _gather_cells(grid, cells)
@@ -82,6 +81,18 @@ class REC(nn.Module):
         if self.training:
             return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
         return predict_boxes(anchors, texts[:, 0], _gather_cells(boxes, cells))
+
+
+    def select_cells(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The K cells whose 4 anchors are most confident on average, in grid order: ``[B, K]``."""
+        return boxes[..., 4].mean(-1).topk(self.select_num, dim=1).indices.sort(dim=1).values
+
+    @torch.no_grad()
+    def candidate_boxes(self, images: torch.Tensor) -> torch.Tensor:
+        """The boxes of the selected cells, ``[B, K, 4, 5+C]`` (cx, cy, w, h, objectness, classes):
+        what the expression chooses among (text-blind baselines start from here)."""
+        _, (boxes, _, _) = self.visual_encoder(images, heads=(0,))
+        return _gather_cells(boxes, self.select_cells(boxes))
 
 
 def _gather_cells(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

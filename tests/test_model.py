@@ -147,3 +147,24 @@ def test_refs_shape_is_checked(tiny_overrides):
     model.eval()
     with pytest.raises(ValueError, match="refs must be"):
         model(images, refs[:, 0])
+
+
+def test_text_blind_baselines_pick_among_the_selected_anchors(tiny_overrides):
+    from utils.engine import text_blind_predictor
+
+    cfg, model = _tiny(tiny_overrides)
+    model.eval()
+    images, refs = _batch(cfg, 3)
+    info = torch.tensor([[128, 128, 128, 128, 0, 0, 0]] * 3)
+    batch = {"image": images, "refs": refs, "info": info}
+    candidates = model.candidate_boxes(images)
+    assert candidates.shape[:3] == (3, cfg.SELECT_NUM, 4)
+    confident = text_blind_predictor("most_confident_anchor")(model, batch, "none", torch.device("cpu"))
+    flat = candidates.flatten(1, 2)
+    best = flat[torch.arange(3), flat[..., 4].argmax(dim=1)]
+    torch.testing.assert_close(confident[:, 0], best[:, 0] - best[:, 2] / 2)
+    randoms = text_blind_predictor("random_anchor", seed=1)(model, batch, "none", torch.device("cpu"))
+    centres = ((randoms[:, :2] + randoms[:, 2:]) / 2)[:, None, :]
+    assert torch.all((candidates[..., :2].flatten(1, 2) - centres).abs().amin(dim=1) < 1e-3)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        text_blind_predictor("oracle")

@@ -61,10 +61,13 @@ def test_train_evaluate_resume_visualize_export_predict(tiny):
     result_json = root / "acc.json"
     out = run("test.py", "--config", "config/refcoco.yaml", "--eval-weights", str(logs / "best.pth"),
               "--out-json", str(result_json), "--visualize", "3", "--vis-dir", str(root / "vis"),
-              "--export-pseudo-labels", str(root / "pseudo.json"), *args)
+              "--export-pseudo-labels", str(root / "pseudo.json"), "--baselines", *args)
     results = json.loads(result_json.read_text())
     data = json.loads(open(ann).read())
+    baselines = results.pop("baselines")
     assert set(results) == {"val", "testA", "testB"}
+    assert set(baselines) == {"random_anchor", "most_confident_anchor"}
+    assert all(baselines[kind][s]["n"] == results[s]["n"] for kind in baselines for s in results)
     assert all(results[s]["n"] == len(data[s]) and 0 <= results[s]["acc"] <= 100 for s in results)
     assert "testB" in out.stdout and len(os.listdir(root / "vis")) == 3
     pseudo = json.loads((root / "pseudo.json").read_text())

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
+from datasets import letterbox_to_original
+from models.head import cell_box
+
 from . import distributed as dist_utils
 from .ema import ModelEMA
 
@@ -138,7 +141,6 @@ def _report(pending: list, step: int, rate: float, optimizer, on_log, progress) 
 @torch.no_grad()
 def predict(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
     """Boxes ``[B,4]`` (x1, y1, x2, y2) in original image pixels."""
-    from datasets import letterbox_to_original
     with autocast(device, amp):
         boxes = model(batch["image"], batch["refs"])
     return letterbox_to_original(boxes[:, 0, :4].float(), batch["info"])
@@ -150,16 +152,42 @@ def gt_xyxy(gt_box: torch.Tensor) -> torch.Tensor:
     return torch.cat([gt[:, :2], gt[:, :2] + gt[:, 2:]], dim=1)
 
 
+BASELINES = ("random_anchor", "most_confident_anchor")
+
+
+def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
+    """A predictor that ignores the expression, for reference accuracies: ``random_anchor`` takes a
+    random one of the K selected cells, ``most_confident_anchor`` the cell holding the most
+    confident box; either way that cell's most confident box, as the model would."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; choose from {BASELINES}")
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def predictor(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+        with autocast(device, amp):
+            candidates = _unwrap(model).candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
+        b, k = candidates.shape[:2]
+        if kind == "random_anchor":
+            cell = torch.randint(k, (b,), generator=generator).to(device)
+        else:
+            cell = candidates[..., 4].amax(dim=-1).argmax(dim=1)
+        return letterbox_to_original(cell_box(candidates, cell)[:, 0, :4], batch["info"])
+
+    return predictor
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
-             channels_last: bool = False, progress=None) -> dict[str, float]:
+             channels_last: bool = False, progress=None, predictor: Callable = predict) -> dict[str, float]:
     """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
-    counts are summed, so each sample is counted exactly once."""
+    counts are summed, so each sample is counted exactly once. ``predictor(model, batch, amp,
+    device)`` gives the boxes (default: the model's prediction)."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
     for batch in loader:
         batch = to_device(batch, device, channels_last)
-        pred = predict(model, batch, amp, device)
+        pred = predictor(model, batch, amp, device)
         iou = box_iou(pred, gt_xyxy(batch["gt_box"])).diagonal()
         counts[0] += (iou > 0.5).sum()
         counts[1] += iou.numel()
