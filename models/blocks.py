@@ -12,7 +12,9 @@ class ConvBNAct(nn.Sequential):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
-        self.act = nn.LeakyReLU(0.1)
+        # In place: the BatchNorm output is read by nothing else, and LeakyReLU's backward needs
+        # only the sign of its output.
+        self.act = nn.LeakyReLU(0.1, inplace=True)
 
 
 class ResidualStage(nn.Module):

@@ -11,6 +11,24 @@ def _path(resample: nn.Module, in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(resample, ConvBNAct(in_ch, out_ch, 1), ConvBNAct(out_ch, out_ch, 3))
 
 
+class _UpPath(nn.Sequential):
+    """Nearest x2 upsampling, then 1x1 conv -> BN -> act, then a 3x3 conv block.
+
+    A 1x1 convolution commutes with nearest upsampling (each output pixel is the same weighted
+    sum of one source pixel), so it runs before the upsampling, on a quarter of the pixels and
+    without the upsampled input map; BatchNorm still sees the upsampled map, as in the reference.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), ConvBNAct(in_ch, out_ch, 1),
+                         ConvBNAct(out_ch, out_ch, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        upsample, reduce, block = self
+        x = upsample(reduce.conv(x))
+        return block(reduce.act(reduce.bn(x)))
+
+
 class MultiScaleFusion(nn.Module):
     """Top-down then bottom-up exchange between the stride 8/16/32 maps; returns the fused
     stride-32 map ``[B, hidden, H/32, W/32]``.
@@ -25,10 +43,7 @@ class MultiScaleFusion(nn.Module):
         half = hidden // 2
         # The reference lists the two upward paths in the opposite order of their use:
         # up[1] lifts the stride-32 map, up[0] the fused stride-16 one.
-        self.up = nn.ModuleList([
-            _path(nn.Upsample(scale_factor=2, mode="nearest"), half + mid, half),
-            _path(nn.Upsample(scale_factor=2, mode="nearest"), large, half),
-        ])
+        self.up = nn.ModuleList([_UpPath(half + mid, half), _UpPath(large, half)])
         self.down = nn.ModuleList([
             _path(nn.AvgPool2d(2, 2), half + small, half),
             _path(nn.AvgPool2d(2, 2), 2 * half + mid, half),

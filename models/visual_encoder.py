@@ -39,7 +39,12 @@ class FeatureAdaption(nn.Module):
         self.deform_conv = DeformConv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, shape_pred: torch.Tensor) -> torch.Tensor:
-        return self.deform_conv(x, self.offset(shape_pred.detach()))
+        offset = self.offset(shape_pred.detach())
+        if torch.is_autocast_enabled(x.device.type):
+            # torchvision's CPU kernel has no bf16 version; on CUDA its autocast rule runs in fp32 too.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.deform_conv(x.float(), offset.float())
+        return self.deform_conv(x, offset)
 
 
 class GuidedAnchorHead(nn.Module):

@@ -10,27 +10,34 @@ from torch import nn
 class ModelEMA:
     """Keeps ``ema = d * ema + (1 - d) * model`` for every floating-point parameter and buffer,
     with ``d = min(decay, (step + 1) / (step + 10))`` so early steps follow the model closely.
-    Integer buffers (BatchNorm's batch counters) are copied."""
+    Integer buffers (BatchNorm's batch counters) are copied.
+
+    Most of the model is the frozen detector, whose parameters never change: where the average
+    already equals such a parameter, the update would leave it unchanged (``lerp(a, a, w) == a``),
+    so it is skipped. Which tensors to update is worked out on the first update and again whenever
+    the model's tensors are replaced or a parameter is frozen or unfrozen; a frozen parameter
+    overwritten in place after that (``param.data.copy_``) is not noticed: build a new EMA then.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.9997, step: int = 0):
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(_unwrap(model)).eval()
         self.module.requires_grad_(False)
         self.decay = decay
         self.step = step
+        self._plan: _UpdatePlan | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (self.step + 1) / (self.step + 10))
         self.step += 1
-        ema_state = self.module.state_dict()
-        floats_ema, floats_model = [], []
-        for key, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                floats_ema.append(ema_state[key])
-                floats_model.append(value.detach())
-            else:
-                ema_state[key].copy_(value)
-        torch._foreach_lerp_(floats_ema, floats_model, 1.0 - d)
+        model = _unwrap(model)
+        signature = _signature(model)
+        if self._plan is None or self._plan.signature != signature:
+            self._plan = _UpdatePlan(self.module, model, signature)
+        if self._plan.moving_ema:
+            torch._foreach_lerp_(self._plan.moving_ema, self._plan.moving_model, 1.0 - d)
+        for ema_value, value in zip(self._plan.copied_ema, self._plan.copied_model):
+            ema_value.copy_(value)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "step": self.step, "decay": self.decay}
@@ -39,3 +46,44 @@ class ModelEMA:
         self.module.load_state_dict(state["module"])
         self.step = state["step"]
         self.decay = state["decay"]
+        self._plan = None  # the loaded average may differ from the model's frozen parameters
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Changes when a tensor is replaced (``.to()``, ``param.data = ...``) or (un)frozen."""
+    return (tuple((p.data_ptr(), p.requires_grad) for p in model.parameters())
+            + tuple(b.data_ptr() for b in model.buffers()))
+
+
+class _UpdatePlan:
+    """Pairs of (average, model) tensors: floating-point ones to average, integer ones to copy."""
+
+    def __init__(self, ema_module: nn.Module, model: nn.Module, signature: tuple):
+        self.signature = signature
+        self.moving_ema: list[torch.Tensor] = []
+        self.moving_model: list[torch.Tensor] = []
+        self.copied_ema: list[torch.Tensor] = []
+        self.copied_model: list[torch.Tensor] = []
+        ema_state = ema_module.state_dict()
+        for key, value in model.state_dict(keep_vars=True).items():
+            target = ema_state[key]
+            if not value.dtype.is_floating_point:
+                self.copied_ema.append(target)
+                self.copied_model.append(value.detach())
+            elif (isinstance(value, nn.Parameter) and not value.requires_grad
+                  and torch.equal(target, value.detach())):
+                continue  # frozen and already equal: averaging would not change it
+            else:
+                self.moving_ema.append(target)
+                self.moving_model.append(value.detach())

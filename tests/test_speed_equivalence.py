@@ -1,0 +1,221 @@
+"""The fast paths give the results of the straightforward ones (no timings here: see tools/benchmark.py)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models import build_model
+from utils.config import load_config
+from utils.ema import ModelEMA
+
+VOCAB = 50
+BATCH = 4
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides):
+    # No dropout: two runs of the model must draw nothing at random.
+    return load_config("config/refcoco.yaml", tiny_overrides + ["DROPOUT_R=0.0"])
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg, None, VOCAB)
+
+
+def _inputs(cfg):
+    g = torch.Generator().manual_seed(1)
+    size = cfg.INPUT_SHAPE[0]
+    images = torch.randn(BATCH, 3, size, size, generator=g)
+    refs = torch.randint(3, VOCAB, (BATCH, cfg.NUM_REFS, cfg.MAX_TOKEN), generator=g)
+    refs[..., cfg.MAX_TOKEN // 2:] = 0
+    return images, refs
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_skipping_unread_heads_changes_neither_boxes_nor_batchnorm_buffers(tiny_cfg):
+    images, _ = _inputs(tiny_cfg)
+    full = _model(tiny_cfg).visual_encoder.train()
+    trunk = copy.deepcopy(full)
+    with torch.no_grad():
+        full_features, full_boxes = full(images)
+        trunk_features, trunk_boxes = trunk(images, heads=(0,))
+    assert trunk_boxes[1] is None and trunk_boxes[2] is None
+    assert torch.equal(full_boxes[0], trunk_boxes[0])
+    for a, b in zip(full_features, trunk_features):
+        assert torch.equal(a, b)
+    full_state, trunk_state = full.state_dict(), trunk.state_dict()
+    assert all(torch.equal(full_state[k], trunk_state[k]) for k in full_state)
+
+
+def test_in_place_activations_give_the_out_of_place_loss_and_gradients(tiny_cfg):
+    images, refs = _inputs(tiny_cfg)
+    fast = _model(tiny_cfg).train()
+    plain = copy.deepcopy(fast)
+    for module in plain.modules():
+        if isinstance(module, nn.LeakyReLU):
+            module.inplace = False
+    losses = []
+    for model in (fast, plain):
+        loss = model(images, refs)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(*losses)
+    fast_grads, plain_grads = _grads(fast), _grads(plain)
+    assert fast_grads.keys() == plain_grads.keys() and fast_grads
+    assert all(torch.equal(fast_grads[k], plain_grads[k]) for k in fast_grads)
+
+
+def _fused_upsampling_first(fusion, s8, s16, s32):
+    """The fusion as the reference orders it: each upward path upsamples before its 1x1 conv."""
+    def up(path, x):
+        return nn.Sequential(*path)(x)  # the modules in list order, without _UpPath's reordering
+    s16 = torch.cat([up(fusion.up[1], s32), s16], dim=1)
+    s8 = torch.cat([up(fusion.up[0], s16), s8], dim=1)
+    s16 = torch.cat([fusion.down[0](s8), s16], dim=1)
+    s32 = torch.cat([fusion.down[1](s16), s32], dim=1)
+    return fusion.top_proj(s32)
+
+
+def test_convolving_before_upsampling_gives_the_same_fusion(tiny_cfg):
+    images, _ = _inputs(tiny_cfg)
+    model = _model(tiny_cfg).train()
+    with torch.no_grad():
+        s32, s16, s8 = model.visual_encoder(images, heads=(0,))[0]
+    fast = model.fusion
+    plain = copy.deepcopy(fast)
+    fast_out = fast(s8, s16, s32)
+    plain_out = _fused_upsampling_first(plain, s8, s16, s32)
+    torch.testing.assert_close(fast_out, plain_out, rtol=1e-5, atol=1e-6)
+    fast_out.square().mean().backward()
+    plain_out.square().mean().backward()
+    fast_grads, plain_grads = _grads(fast), _grads(plain)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    fast_state, plain_state = fast.state_dict(), plain.state_dict()
+    for key, value in plain_state.items():
+        torch.testing.assert_close(fast_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_batched_expressions_match_one_language_pass_each(tiny_cfg):
+    _, refs = _inputs(tiny_cfg)
+    encoder = _model(tiny_cfg).language_encoder.eval()
+    with torch.no_grad():
+        batched, _ = encoder(refs.flatten(0, 1))
+        each = torch.stack([encoder(refs[:, e])[0] for e in range(refs.shape[1])], dim=1)
+    torch.testing.assert_close(batched.view_as(each), each, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_gives_the_same_loss_and_boxes(tiny_cfg):
+    """Same values up to rounding. Gradients are not compared: with random weights, near-tied
+    anchors can swap between the two layouts (which anchor is best or second), moving some
+    gradients by a few percent while the loss moves by rounding only."""
+    images, refs = _inputs(tiny_cfg)
+    plain = _model(tiny_cfg)
+    fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    fast_images = images.contiguous(memory_format=torch.channels_last)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    plain.train(), fast.train()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(fast_images, refs)["loss"], plain(images, refs)["loss"], **tol)
+        plain.eval(), fast.eval()
+        torch.testing.assert_close(fast(fast_images, refs), plain(images, refs), **tol)
+
+
+def _plain_ema_update(ema_module, model, step, decay):
+    """Every floating-point tensor averaged one by one, integer ones copied."""
+    d = min(decay, (step + 1) / (step + 10))
+    ema_state = ema_module.state_dict()
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema_state[key].lerp_(value, 1.0 - d)
+            else:
+                ema_state[key].copy_(value)
+
+
+def test_ema_equals_a_plain_per_tensor_average(tiny_cfg):
+    images, refs = _inputs(tiny_cfg)
+    model = _model(tiny_cfg).train()
+    ema = ModelEMA(model, decay=0.9)
+    plain = copy.deepcopy(ema.module)
+    # A frozen parameter changed after the EMA was made still has to be followed.
+    frozen = model.visual_encoder.layers[0].conv.weight
+    with torch.no_grad():
+        frozen.add_(1.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        model(images, refs)["loss"].backward()
+        optimizer.step()
+        ema.update(model)
+        _plain_ema_update(plain, model, step, 0.9)
+    state, expected = ema.module.state_dict(), plain.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    assert not torch.equal(state["visual_encoder.layers.0.bn.running_mean"],
+                           model.state_dict()["visual_encoder.layers.0.bn.running_mean"])
+
+    # Loading an average whose frozen parameters differ from the model's: followed again.
+    loaded = ema.state_dict()
+    loaded["module"]["visual_encoder.layers.1.conv.weight"] = torch.zeros_like(
+        loaded["module"]["visual_encoder.layers.1.conv.weight"])
+    ema.load_state_dict(loaded)
+    plain.load_state_dict(loaded["module"])
+    ema.update(model)
+    _plain_ema_update(plain, model, ema.step - 1, 0.9)
+    state, expected = ema.module.state_dict(), plain.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_foreach_adam_is_the_default_adam_bit_for_bit():
+    torch.manual_seed(0)
+    params = [torch.randn(300, 70), torch.randn(70)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    results = []
+    for foreach in (False, True):
+        ps = [p.clone().requires_grad_() for p in params]
+        optimizer = torch.optim.Adam(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-9, foreach=foreach)
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append(ps)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((value.float() - expected).norm() / expected.norm())
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(tiny_cfg):
+    """bf16 keeps 8 bits of mantissa. Every continuous output (detector features and boxes, fused
+    map, expression embeddings) stays within 3 % (relative L2) of fp32, and the loss within 10 %:
+    with random weights, near-tied anchors may be ranked differently, which moves the loss more."""
+    images, refs = _inputs(tiny_cfg)
+    model = _model(tiny_cfg)
+    tokens = refs.flatten(0, 1)
+
+    def outputs():
+        features, (boxes, _, _) = model.visual_encoder(images, heads=(0,))
+        return [*features, boxes, model.fusion(*features[::-1]), model.language_encoder(tokens)[0]]
+
+    with torch.no_grad():
+        model.eval()
+        expected = outputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = outputs()
+        for value, reference in zip(mixed, expected):
+            assert _relative_error(value, reference) < 3e-2
+
+        model.train()
+        state = copy.deepcopy(model.state_dict())  # train mode moves the BatchNorm buffers
+        expected_loss = model(images, refs)["loss"]
+        model.load_state_dict(state)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(images, refs)["loss"]
+    assert _relative_error(loss, expected_loss) < 1e-1

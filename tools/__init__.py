@@ -1,0 +1,1 @@
+"""Developer tools: ``python -m tools.benchmark`` measures training and evaluation throughput."""
