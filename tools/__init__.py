@@ -1,1 +1,1 @@
-"""Developer tools: ``python -m tools.benchmark`` measures training and evaluation throughput."""
+"""Developer tools, run as modules from the repository root (``python -m tools.<name>``)."""
