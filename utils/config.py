@@ -75,6 +75,32 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "EVAL_EVERY": (1, "epochs between validations"),
         "CHANNELS_LAST": (False, "run convolutions in channels-last memory format (same results)"),
         "COMPILE": (False, "wrap the model in torch.compile"),
+        # Detector pretraining (pretrain.py); the detector's shape comes from the MODEL keys.
+        "DET_ANN_PATH": ("./data/detection/instances_train2014.json", "pretrain.py: COCO-format detection "
+                         "annotations to train the detector on"),
+        "DET_VAL_ANN_PATH": ("./data/detection/instances_val2014.json", "pretrain.py: COCO-format "
+                             "detection annotations on which mAP@0.5 is measured"),
+        "DET_IMAGE_PATH": ("./data/images/train2014", "pretrain.py: image folder of DET_ANN_PATH "
+                           "(images found by their file_name)"),
+        "DET_VAL_IMAGE_PATH": ("./data/images/val2014", "pretrain.py: image folder of DET_VAL_ANN_PATH; "
+                               "'' for DET_IMAGE_PATH (its images are then also left out of training)"),
+        "DET_EXCLUDE_ANNS": (["./data/anns/refcoco.json", "./data/anns/refcoco+.json",
+                              "./data/anns/refcocog.json"],
+                             "pretrain.py: REC annotation files whose images of every split but 'train' are "
+                             "left out of detector training (REC iids are the detection image ids)"),
+        "DET_EPOCHS": (100, "pretrain.py: training epochs"),
+        "DET_LR": (1e-3, "pretrain.py: peak learning rate (AdamW; linear warm-up, then cosine decay)"),
+        "DET_WARMUP": (1.0, "pretrain.py: epochs of linear learning-rate warm-up (may be fractional)"),
+        "DET_WEIGHT_DECAY": (5e-4, "pretrain.py: AdamW weight decay of the convolution kernels"),
+        "DET_BATCH_SIZE": (64, "pretrain.py: images per optimisation step, over all processes"),
+        "DET_FLIP": (True, "pretrain.py: random horizontal flips of training images"),
+        "DET_IGNORE_IOU": (0.5, "pretrain.py: predictions overlapping a ground-truth box above this IoU "
+                           "get no objectness loss"),
+        "DET_EMA": (True, "pretrain.py: keep an EMA of the detector (decay EMA_DECAY) and save it"),
+        "DET_LOG_PATH": ("./logs/detector", "pretrain.py: folder for its checkpoints, log, TensorBoard "
+                         "events and metrics.json"),
+        "DET_OUTPUT": ("./data/weights/yolov3_pretrained.pth", "pretrain.py: the detector weight file "
+                       "to write (the keys of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
     },
     "MODEL": {
         "VIS_ENC": ("darknet", "visual encoder: the YOLOv3 DarkNet-53 detector ('darknet')"),

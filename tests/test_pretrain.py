@@ -1,0 +1,141 @@
+"""pretrain.py: held-out images, the weight-file format, resuming, the loss and the AP."""
+import json
+import os
+
+import pytest
+import torch
+
+import pretrain
+from datasets import load_annotations
+from datasets.synthetic import generate
+from models import build_model, load_pretrained_backbone
+from utils.config import load_config
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions gain nothing from a second thread, and two threads spinning against the
+    # other processes of a busy 2-core machine make these steps many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("synthetic")), num_images=12, image_size=96, seed=0)
+
+
+def _overrides(data, log_path, epochs=1):
+    return ["INPUT_SHAPE=[64, 64]", "VIS_WIDTH=0.125", "CLASS_NUM=3", "NUM_WORKER=0", "PRINT_FREQ=1",
+            f"DET_ANN_PATH={data['detection_train']}", f"DET_VAL_ANN_PATH={data['detection_val']}",
+            f"DET_IMAGE_PATH={data['images']}", "DET_VAL_IMAGE_PATH=''",
+            f"DET_EXCLUDE_ANNS=[{data['annotations']}]", f"DET_EPOCHS={epochs}", "DET_BATCH_SIZE=4",
+            "DET_WARMUP=0.5", f"DET_LOG_PATH={log_path}", f"DET_OUTPUT={log_path}/yolov3.pth"]
+
+
+def _run(overrides, resume=""):
+    args = pretrain.get_args_parser().parse_args(["--config", "config/synthetic.yaml", "--device", "cpu"]
+                                                 + (["--resume"] if resume else []) + overrides)
+    assert pretrain.main(args) == 0
+
+
+def test_rec_val_and_test_images_are_left_out(data):
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused"))
+    train_set, val_set = pretrain.build_datasets(cfg)
+    rec = load_annotations(data["annotations"], "synthetic")
+    assert train_set.image_ids == sorted({e["iid"] for e in rec["train"]})
+    assert val_set.image_ids == sorted({e["iid"] for e in rec["val"]})
+    held_out = {e["iid"] for split in ("val", "testA", "testB") for e in rec[split]}
+    assert pretrain.excluded_image_ids([data["annotations"]]) == held_out
+    assert train_set.num_excluded == len(held_out)
+
+
+def test_weight_file_has_the_reference_keys_and_loads_as_pretrain_weight(data, tmp_path, capsys):
+    _run(_overrides(data, tmp_path))
+    assert "mAP@0.5: " in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["mAP@0.5"] <= 1.0 and metrics["step"] == 2  # 9 images, batches of 4
+
+    with open(os.path.join(FIXTURES, "yolov3_checkpoint_keys.tsv")) as f:
+        expected = [line.split("\t")[0] for line in f if line.strip() and not line.startswith("#")]
+    weights = torch.load(tmp_path / "yolov3.pth", weights_only=True)
+    assert sorted(weights) == sorted(expected)
+
+    cfg = load_config("config/synthetic.yaml", _overrides(data, tmp_path) + ["USE_GLOVE=false"])
+    model = build_model(cfg, None, token_size=8)
+    load_pretrained_backbone(model.visual_encoder, str(tmp_path / "yolov3.pth"))
+    head = model.visual_encoder.layers[19]
+    assert torch.equal(head.shape_pred.weight, weights["module_list.19.guide_wh.weight"])
+
+
+def test_resume_continues_from_the_saved_step(data, tmp_path, monkeypatch):
+    _run(_overrides(data, tmp_path / "straight", epochs=2))
+    loss, calls = pretrain.detection_loss, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "detection_loss", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_overrides(data, tmp_path / "resumed", epochs=2))
+    saved = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2)
+
+    calls.clear()
+    _run(_overrides(data, tmp_path / "resumed", epochs=2), resume=True)
+    assert len(calls) == 2  # the second epoch only
+    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert (resumed["epoch"], resumed["step"]) == (2, 4)
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, msg=key)
+
+
+def test_loss_decreases_on_a_fixed_batch(data):
+    torch.manual_seed(0)
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    train_set, _ = pretrain.build_datasets(cfg)
+    batch = pretrain.collate([train_set[i] for i in range(4)])
+    model = pretrain.build_detector(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), 2e-3)
+    losses = []
+    for _ in range(8):
+        _, raw = model(batch["image"], decode=False)
+        parts = pretrain.detection_loss(model, raw, batch["targets"])
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        optimizer.step()
+        losses.append(parts["loss"].item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_boxes_are_assigned_to_the_best_prior_and_the_anchor_free_slot(data):
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused"))
+    model = pretrain.build_detector(cfg)
+    _, raw = model(torch.zeros(1, 3, 64, 64), decode=False)
+    # A 30 x 28 box (one of the stride-32 priors) centred in cell (1, 1) of the 2 x 2 stride-32 grid.
+    targets = torch.tensor([[0.0, 1.0, 33.0, 34.0, 63.0, 62.0]])
+    raw = [(s.detach().requires_grad_(), o.detach().requires_grad_()) for s, o in raw]
+    pretrain.detection_loss(model, raw, targets)["cls"].backward()
+    grad = raw[0][1].grad[..., 5:].abs().sum(-1)  # [1, 2, 2, 4]
+    assert set(map(tuple, grad.nonzero().tolist())) == {(0, 1, 1, 1), (0, 1, 1, 3)}
+    assert all(o.grad is None or not o.grad[..., 5:].any() for _, o in raw[1:])
+
+
+def test_average_precision():
+    box = torch.tensor([0.0, 0.0, 10.0, 10.0])
+    truth = {1: box[None], 2: torch.zeros(0, 4)}
+    assert pretrain.average_precision([(1, 0.9, box)], truth) == pytest.approx(1.0)
+    # A false positive ranked first halves the precision at full recall.
+    assert pretrain.average_precision([(2, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(0.5)
+    # A duplicate of a matched box is a false positive that comes after full recall: no loss.
+    assert pretrain.average_precision([(1, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(1.0)
+    assert pretrain.average_precision([(1, 0.9, box + 8)], truth) == 0.0
