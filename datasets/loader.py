@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -73,11 +74,15 @@ def _mix(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a worker from the seed torch gave it (itself from the loader's generator)."""
+def init_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a worker from the seed torch gave it (itself from the loader's
+    generator); one OpenCV and torch thread per worker, so that decoding scales with the worker count
+    instead of every worker contending for every core."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None = None,
@@ -123,6 +128,7 @@ def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None =
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        worker_init_fn=seed_worker if workers > 0 else None,
+        worker_init_fn=init_worker if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
         generator=generator,
     )

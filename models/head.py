@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 
 def _off_diagonal(x: torch.Tensor) -> torch.Tensor:
-    """``[..., B, B]`` -> ``[..., B, B-1]`` with the diagonal removed, row by row."""
+    """``[..., B, B]`` -> ``[..., B, B-1]`` with the diagonal removed, row by row (a gather, not a
+    boolean mask, so no device-to-host sync)."""
     b = x.shape[-1]
-    keep = ~torch.eye(b, dtype=torch.bool, device=x.device)
-    return x[..., keep].view(*x.shape[:-2], b, b - 1)
+    cols = torch.arange(b - 1, device=x.device)
+    index = cols + (cols[None, :] >= torch.arange(b, device=x.device)[:, None])  # skip column i in row i
+    return x.gather(-1, index.expand(*x.shape[:-2], b, b - 1))
 
 
 def contrastive_loss(sim_best: torch.Tensor, sim_second: torch.Tensor) -> torch.Tensor:
