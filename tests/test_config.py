@@ -55,6 +55,8 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_invalid_values_are_rejected():
     with pytest.raises(ConfigError, match="INPUT_SHAPE"):
         load_config(None, ["INPUT_SHAPE=[416, 320]"])
+    with pytest.raises(ConfigError, match="SELECT_NUM \\(17\\) exceeds the 9 cells"):
+        load_config(None, ["INPUT_SHAPE=[96, 96]"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("LR")
 

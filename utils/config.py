@@ -243,6 +243,10 @@ def _validate(values: dict[str, Any]) -> None:
     if values["SELECT_NUM"] < 2:
         raise ConfigError(f"SELECT_NUM must be at least 2 (the loss uses the second-best anchor), "
                           f"got {values['SELECT_NUM']}")
+    cells = (shape[0] // 32) ** 2
+    if values["SELECT_NUM"] > cells:
+        raise ConfigError(f"SELECT_NUM ({values['SELECT_NUM']}) exceeds the {cells} cells of the stride-32 grid "
+                          f"at INPUT_SHAPE {shape}; lower SELECT_NUM or raise INPUT_SHAPE")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")

@@ -1,0 +1,34 @@
+"""The quickstart in miniature, as a newcomer runs it: every stage, then reuse on a second run."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _quickstart(workdir):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "quickstart.py", "--mini", "--workdir", str(workdir), "--visualize", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
+    first = _quickstart(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    last_line = first.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("results: ")
+    results = json.loads(open(last_line[len("results: "):]).read())
+    splits = [s for s in results if s != "baselines"]
+    assert set(splits) == {"val", "testA", "testB"}
+    assert set(results["baselines"]) == {"random_anchor", "most_confident_anchor"}
+    for split in splits:
+        assert results[split]["n"] > 0 and 0 <= results[split]["acc"] <= 100
+    assert (tmp_path / "yolov3_synthetic.pth").exists()
+    assert len(os.listdir(tmp_path / "logs" / "vis")) == 2
+    for stage in ("== data", "== detector", "== train", "== evaluate"):
+        assert stage in first.stdout
+
+    second = _quickstart(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "== detector: reusing" in second.stdout and "== train: reusing" in second.stdout

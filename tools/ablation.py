@@ -1,0 +1,73 @@
+"""Ablation of the ACCV 2024 components on one config: RefCLIP, +CMA, +FNS, +ER, full.
+
+    python -m tools.ablation --config config/synthetic.yaml [KEY=VALUE ...]
+
+Trains each variant with train.py into LOG_PATH/ablation/<variant> (reusing finished runs), evaluates
+it with test.py and prints one table of Acc@0.5 per split; the table is also written as
+LOG_PATH/ablation/results.json. The detector weights (PRETRAIN_WEIGHT) must exist: run the
+quickstart (or pretrain.py) first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from utils.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each variant adds one component to RefCLIP (one expression per sample, contrastive loss only);
+# 'full' is the ACCV 2024 model: all three, three expressions per sample.
+VARIANTS = {
+    "refclip": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
+    "+cma": ["USE_CMA=true", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
+    "+fns": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.0"],
+    "+er": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.1"],
+    "full": ["USE_CMA=true", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
+}
+
+
+def run(script: str, *args: str) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env).returncode != 0:
+        sys.exit(f"ablation: {script} {' '.join(args)} failed")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    folder = os.path.join(cfg.LOG_PATH, "ablation")
+    table = {}
+    for name in args.variants.split(","):
+        logs = os.path.join(folder, name)
+        overrides = [*args.overrides, *VARIANTS[name], f"LOG_PATH={logs}"]
+        last = os.path.join(logs, "last.pth")
+        if not (os.path.isfile(last) and
+                torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= cfg.EPOCHS):
+            resume = ["--resume", last] if os.path.isfile(last) else []
+            run("train.py", "--config", args.config, *resume, *overrides)
+        out = os.path.join(logs, "results.json")
+        run("test.py", "--config", args.config, "--eval-weights", os.path.join(logs, "best.pth"),
+            "--out-json", out, *overrides)
+        with open(out) as f:
+            table[name] = json.load(f)
+    splits = list(next(iter(table.values())))
+    print(f"{'variant':<10}" + "".join(f"{s:>9}" for s in splits))
+    for name, results in table.items():
+        print(f"{name:<10}" + "".join(f"{results[s]['acc']:>9.2f}" for s in splits))
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
