@@ -64,14 +64,14 @@ from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
 from datasets import DataError, letterbox_image, letterbox_to_original, load_annotations
-from models.checkpoint import detector_weight_file_state_dict, load_matching
+from models.checkpoint import detector_weight_file_state_dict
 from models.visual_encoder import YOLOv3
 from utils import distributed as dist_utils
-from utils.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from utils.checkpoint import load_checkpoint, restore_training_state, rng_state, save_atomic
 from utils.cli import run_main
 from utils.config import Config, ConfigError, load_config
 from utils.ema import ModelEMA
-from utils.engine import autocast, check_finite
+from utils.engine import autocast, check_finite, optimize
 from utils.logger import setup_logger
 
 log = logging.getLogger("rec")
@@ -406,16 +406,7 @@ def main(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(last_path, "checkpoint to resume")
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{last_path} is not a detector pretraining checkpoint")
-        load_matching(model, ckpt["model"], last_path)
-        if ema is not None:
-            if ckpt["ema"] is None:
-                raise ConfigError(f"{last_path} has no EMA state but DET_EMA is on")
-            ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        restore_training_state(ckpt, last_path, model, ema, optimizer, scheduler, scaler)
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         log.info("resumed from %s: epoch %d, step %d", last_path, start_epoch, step)
 
@@ -438,21 +429,7 @@ def main(args: argparse.Namespace) -> int:
                 with autocast(device, cfg.AMP):
                     _, raw = train_model(images, decode=False)
                 parts = detection_loss(model, raw, batch["targets"], cfg.DET_IGNORE_IOU)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(parts["loss"]).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    parts["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model)
+                optimize(parts["loss"], optimizer, scheduler, scaler, _GRAD_CLIP, ema, model)
                 step += 1
                 if step % cfg.PRINT_FREQ == 0 or step == total_steps:
                     values = check_finite({k: v.detach() for k, v in parts.items()}, step)

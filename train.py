@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from datasets import RefDataset, build_loader, load_word_vectors
 from models import CheckpointMismatchError, build_model, load_pretrained_backbone
-from models.checkpoint import load_matching
 from utils import distributed as dist_utils
-from utils.checkpoint import FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
+from utils.checkpoint import FORMAT, load_checkpoint, restore_training_state, rng_state, save_atomic
 from utils.config import Config, ConfigError, load_config
 from utils.ema import ModelEMA
 from utils.engine import NonFiniteLossError, StopRequest, evaluate, train_one_epoch
@@ -125,18 +124,9 @@ def main(args: argparse.Namespace) -> int:
                                "checkpoint can be evaluated with test.py, not resumed)")
         if ckpt["vocab"] != list(vocab):
             raise CheckpointMismatchError(f"{args.resume} was trained with another vocabulary (another annotation file?)")
-        load_matching(model, ckpt["model"], args.resume)
-        if ema is not None:
-            if ckpt["ema"] is None:
-                raise CheckpointMismatchError(f"{args.resume} has no EMA state but USE_EMA is on")
-            ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
+        restore_training_state(ckpt, args.resume, model, ema, optimizer, scheduler, scaler)
         start_epoch, start_batch, step, best_acc = (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"],
                                                     ckpt["best_acc"])
-        set_rng_state(ckpt["rng"])
         log.info("resumed from %s: epoch %d, batch %d, step %d", args.resume, start_epoch, start_batch, step)
 
     train_model = model

@@ -37,7 +37,7 @@ def synthetic_config(tmp_path, splits, image_sizes, *overrides):
         cv2.imwrite(str(image_dir / f"{iid}.jpg"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     ann = tmp_path / "anns.json"
     ann.write_text(json.dumps(splits))
-    cfg = load_config(None, ["DATASET=synthetic", "INPUT_SHAPE=[64, 64]", "MAX_TOKEN=6", "NUM_WORKER=0",
+    cfg = load_config(None, ["DATASET=synthetic", "INPUT_SHAPE=[64, 64]", "SELECT_NUM=4", "MAX_TOKEN=6", "NUM_WORKER=0",
                              *overrides])
     cfg.ANN_PATH = {"synthetic": str(ann)}
     cfg.IMAGE_PATH = {"synthetic": str(image_dir)}

@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def _overrides(data, log_path, epochs=1):
-    return ["INPUT_SHAPE=[64, 64]", "VIS_WIDTH=0.125", "CLASS_NUM=3", "NUM_WORKER=0", "PRINT_FREQ=1",
+    return ["INPUT_SHAPE=[64, 64]", "SELECT_NUM=2", "VIS_WIDTH=0.125", "CLASS_NUM=3", "NUM_WORKER=0", "PRINT_FREQ=1",
             f"DET_ANN_PATH={data['detection_train']}", f"DET_VAL_ANN_PATH={data['detection_val']}",
             f"DET_IMAGE_PATH={data['images']}", "DET_VAL_IMAGE_PATH=''",
             f"DET_EXCLUDE_ANNS=[{data['annotations']}]", f"DET_EPOCHS={epochs}", "DET_BATCH_SIZE=4",

@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import torch
 
-from models.checkpoint import CheckpointMismatchError
+from models.checkpoint import CheckpointMismatchError, load_matching
 
 FORMAT = "rec-train-v1"
 
@@ -73,3 +73,18 @@ def _python_state_to_tensor(state: tuple) -> dict:
 
 def _python_state_from_tensor(state: dict) -> tuple:
     return state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss"]
+
+
+def restore_training_state(ckpt: dict, path: str, model, ema, optimizer, scheduler, scaler) -> None:
+    """Load what a training checkpoint (train.py, pretrain.py) holds back into the live objects,
+    generator states included, so that training continues as if never stopped."""
+    load_matching(model, ckpt["model"], path)
+    if ema is not None:
+        if ckpt["ema"] is None:
+            raise CheckpointMismatchError(f"{path} has no EMA state, but the config asks for an EMA")
+        ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])

@@ -39,14 +39,10 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
     return out
 
 
-def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
-               scheduler, ema: ModelEMA | None, scaler: torch.amp.GradScaler | None,
-               grad_clip: float, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Forward, backward, clip, optimizer and scheduler step, EMA update. Returns the loss parts
-    as detached tensors (no host sync here: the caller decides when to read them)."""
-    with autocast(device, amp):
-        out = model(batch["image"], batch["refs"])
-    loss = out["loss"]
+def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None,
+             grad_clip: float, ema: ModelEMA | None = None, model: nn.Module | None = None) -> None:
+    """Backward (scaled for fp16), gradient-norm clipping over the optimizer's parameters, optimizer
+    and per-step scheduler step, then the EMA update from ``model``."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -54,8 +50,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     else:
         loss.backward()
     if grad_clip > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        nn.utils.clip_grad_norm_(params, grad_clip)
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -64,6 +59,16 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     scheduler.step()
     if ema is not None:
         ema.update(_unwrap(model))
+
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+               scheduler, ema: ModelEMA | None, scaler: torch.amp.GradScaler | None,
+               grad_clip: float, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward, then :func:`optimize`. Returns the loss parts as detached tensors (no host sync
+    here: the caller decides when to read them)."""
+    with autocast(device, amp):
+        out = model(batch["image"], batch["refs"])
+    optimize(out["loss"], optimizer, scheduler, scaler, grad_clip, ema, model)
     return {k: v.detach().float() for k, v in out.items()}
 
 
