@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -76,13 +75,10 @@ def _mix(*values: int) -> int:
 
 def init_worker(worker_id: int) -> None:
     """Seed numpy and ``random`` in a worker from the seed torch gave it (itself from the loader's
-    generator); one OpenCV and torch thread per worker, so that decoding scales with the worker count
-    instead of every worker contending for every core."""
+    generator). Thread pools are left alone: resizing one inherited through fork can deadlock."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
 
 
 def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None = None,
