@@ -20,7 +20,7 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9997, step: int = 0):
-        self.module = copy.deepcopy(_unwrap(model)).eval()
+        self.module = copy.deepcopy(unwrap_model(model)).eval()
         self.module.requires_grad_(False)
         self.decay = decay
         self.step = step
@@ -30,7 +30,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (self.step + 1) / (self.step + 10))
         self.step += 1
-        model = _unwrap(model)
+        model = unwrap_model(model)
         signature = _signature(model)
         if self._plan is None or self._plan.signature != signature:
             self._plan = _UpdatePlan(self.module, model, signature)
@@ -49,7 +49,7 @@ class ModelEMA:
         self._plan = None  # the loaded average may differ from the model's frozen parameters
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):

@@ -15,7 +15,7 @@ from datasets import letterbox_to_original
 from models.head import cell_box
 
 from . import distributed as dist_utils
-from .ema import ModelEMA
+from .ema import ModelEMA, unwrap_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,7 +58,7 @@ def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, sc
         optimizer.step()
     scheduler.step()
     if ema is not None:
-        ema.update(_unwrap(model))
+        ema.update(model)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
@@ -70,10 +70,6 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         out = model(batch["image"], batch["refs"])
     optimize(out["loss"], optimizer, scheduler, scaler, grad_clip, ema, model)
     return {k: v.detach().float() for k, v in out.items()}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def check_finite(parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
@@ -171,7 +167,7 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
     @torch.no_grad()
     def predictor(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
         with autocast(device, amp):
-            candidates = _unwrap(model).candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
+            candidates = unwrap_model(model).candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
         b, k = candidates.shape[:2]
         if kind == "random_anchor":
             cell = torch.randint(k, (b,), generator=generator).to(device)
