@@ -196,7 +196,7 @@ def build_detector(cfg: Config) -> YOLOv3:
     """A fresh detector of the config's shape: objectness biases at logit(0.01), and the offsets of
     the deformable convolutions near zero (guided anchoring's initialisation), so that they start as
     plain 3x3 convolutions instead of sampling at random places, cells away on the coarse grids."""
-    model = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH)
+    model = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS)
     with torch.no_grad():
         for head in model.heads:
             torch.nn.init.normal_(head.adaption.offset.weight, std=0.01)

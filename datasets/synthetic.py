@@ -12,7 +12,14 @@ Expressions come from a template grammar and are checked by
 :func:`resolve`, a parser of that grammar: an expression is kept only if it
 picks out exactly its referent and is minimal (dropping its size, colour or
 position word would make it ambiguous); the category noun is always allowed.
-Each referent gets up to three different expressions.
+Each referent gets up to three different expressions. A position word holds
+both ways it can be read: "the circle on the left" is the leftmost circle,
+clearly, and the only circle in the left part of the image. An object is
+described by where it is only when nothing of what it is (colour, size,
+category) singles it out: with image-level supervision alone, position words
+are the hardest to learn (an image that holds the circle on the left almost
+always holds another circle elsewhere, so images do not differ by them), and
+a dataset of mostly positional expressions teaches the model next to nothing.
 
 Layout under ``root`` (``python -m datasets.synthetic --out DIR``)::
 
@@ -60,13 +67,15 @@ SIZES = {"small": 0.13, "medium": 0.19, "big": 0.26}  # object extent / the imag
 SPLIT_SHARES = (("val", 0.1), ("testA", 0.1), ("testB", 0.1))  # train takes the rest
 ANN_NAME = "synthetic.json"
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _JPEG_QUALITY = 95
 _SIZE_JITTER = 0.07
 _MAX_REFERENTS = 3
 _MAX_EXPRESSIONS = 3
-# An object is the leftmost (rightmost, ...) of its group only if its centre is clearly so.
+# An object is the leftmost (rightmost, ...) of its group only if its centre is clearly so,
+# and "on the left" only if it is also the only one of them in the left part of the image.
 _POSITION_MARGIN = 0.1
+_POSITION_REGION = 0.45
 
 _SIZE_WORDS = {"small": ("small", "little"), "medium": ("medium",), "big": ("big", "large")}
 _GENERIC_NOUNS = ("one", "shape", "object")
@@ -100,13 +109,16 @@ def _word_table() -> dict[str, tuple[str, str]]:
 _WORDS = _word_table()
 
 
-def resolve(expression: str, objects: Sequence[dict], image_size: int) -> list[int]:
+def resolve(expression: str, objects: Sequence[dict], width: int, height: int) -> list[int]:
     """Indices of the objects ``expression`` can refer to: exactly one when it is unambiguous.
 
-    Size, colour and category words filter the objects; a position word then
-    keeps the one object of those that is clearly (by ``_POSITION_MARGIN`` of
-    ``image_size``) the leftmost, rightmost, topmost or lowest; when none is,
-    every filtered object stays a candidate. Objects are dicts with
+    Size, colour and category words filter the objects. A position word then
+    keeps the one of them that is both in that part of the image (its centre
+    in the outer ``_POSITION_REGION`` of the width or height) and the only one
+    there, and clearly (by ``_POSITION_MARGIN`` of the long side) the leftmost,
+    rightmost, topmost or lowest; when none is, every filtered object stays a
+    candidate. The two readings of "the circle on the left" (left in the
+    image, leftmost of the circles) so always agree. Objects are dicts with
     ``category``, ``colour``, ``size`` and ``bbox`` ([x, y, w, h]).
     """
     wanted: dict[str, str] = {}
@@ -119,10 +131,15 @@ def resolve(expression: str, objects: Sequence[dict], image_size: int) -> list[i
     if position is None or len(matches) < 2:
         return matches
     axis, sign = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}[position]
-    coords = sorted((sign * (objects[i]["bbox"][axis] + objects[i]["bbox"][axis + 2] / 2), i) for i in matches)
-    if coords[1][0] - coords[0][0] < _POSITION_MARGIN * image_size:
+    extent = (width, height)[axis]
+    # Signed so that smaller is further towards the named side; the side's region ends at 0.
+    coords = sorted((sign * (objects[i]["bbox"][axis] + objects[i]["bbox"][axis + 2] / 2
+                             - (_POSITION_REGION * extent if sign > 0 else (1 - _POSITION_REGION) * extent)), i)
+                    for i in matches)
+    (first, index), (second, _) = coords[0], coords[1]
+    if first > 0 or second <= 0 or second - first < _POSITION_MARGIN * max(width, height):
         return matches
-    return [coords[0][1]]
+    return [index]
 
 
 def _render(spec: dict, rng: np.random.Generator) -> str:
@@ -139,7 +156,7 @@ def _render(spec: dict, rng: np.random.Generator) -> str:
     return phrase if rng.random() < 0.4 else f"the {phrase}"
 
 
-def _minimal_specs(index: int, objects: Sequence[dict], image_size: int,
+def _minimal_specs(index: int, objects: Sequence[dict], frame: tuple[int, int],
                    rng: np.random.Generator) -> list[dict]:
     """Every description of object ``index`` that is unambiguous and minimal."""
     obj = objects[index]
@@ -148,32 +165,35 @@ def _minimal_specs(index: int, objects: Sequence[dict], image_size: int,
             (obj["category"], None), (obj["size"], None), (obj["colour"], None),
             (None, "left", "right", "top", "bottom")):
         spec = {"category": category, "size": size, "colour": colour, "position": position}
-        if not _unique(spec, index, objects, image_size, rng):
+        if not _unique(spec, index, objects, frame, rng):
             continue
         droppable = [k for k in ("size", "colour", "position") if spec[k]]
-        if any(_unique({**spec, k: None}, index, objects, image_size, rng) for k in droppable):
+        if any(_unique({**spec, k: None}, index, objects, frame, rng) for k in droppable):
             continue
         specs.append(spec)
     return specs
 
 
-def _unique(spec: dict, index: int, objects: Sequence[dict], image_size: int,
+def _unique(spec: dict, index: int, objects: Sequence[dict], frame: tuple[int, int],
             rng: np.random.Generator) -> bool:
     if not (spec["category"] or spec["size"] or spec["colour"] or spec["position"]):
         return False
-    return resolve(_render(spec, rng), objects, image_size) == [index]
+    return resolve(_render(spec, rng), objects, *frame) == [index]
 
 
-def describe(index: int, objects: Sequence[dict], image_size: int, rng: np.random.Generator) -> list[str]:
+def describe(index: int, objects: Sequence[dict], frame: tuple[int, int], rng: np.random.Generator) -> list[str]:
     """Up to three different expressions, each verified by :func:`resolve`, for object ``index``."""
-    specs = _minimal_specs(index, objects, image_size, rng)
+    specs = _minimal_specs(index, objects, frame, rng)
+    # Where it is only when what it is does not single it out (the module docstring says why).
+    by_attributes = [spec for spec in specs if spec["position"] is None]
+    specs = by_attributes or specs
     order = rng.permutation(len(specs))
     expressions: list[str] = []
     # Different descriptions first, then other wordings of them.
     for _ in range(3):
         for k in order:
             text = _render(specs[k], rng)
-            if text not in expressions and resolve(text, objects, image_size) == [index]:
+            if text not in expressions and resolve(text, objects, *frame) == [index]:
                 expressions.append(text)
             if len(expressions) == _MAX_EXPRESSIONS:
                 return expressions
@@ -267,7 +287,7 @@ def _make_image(seed: int, iid: int, split: str, image_size: int) -> tuple[dict,
     rng = np.random.default_rng([seed, iid])
     while True:
         width, height, objects = _sample_scene(rng, split, image_size)
-        described = [(i, describe(i, objects, max(width, height), rng)) for i in range(len(objects))
+        described = [(i, describe(i, objects, (width, height), rng)) for i in range(len(objects))
                      if _referable(objects[i]["category"], split)]
         described = [(i, refs) for i, refs in described if refs]
         if described:

@@ -29,7 +29,7 @@ class REC(nn.Module):
         self.freeze_backbone_bn = cfg.FREEZE_BACKBONE_BN
         hidden = cfg.HIDDEN_SIZE
 
-        self.visual_encoder = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH)
+        self.visual_encoder = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS)
         if self.freeze_visual:
             self.visual_encoder.requires_grad_(False)
         s32, s16, s8 = self.visual_encoder.channels

@@ -22,10 +22,14 @@ _ANCHORS_PER_CELL = 4  # three priors plus one anchor-free box
 
 
 class SPP(nn.Module):
-    """concat(x, maxpool 5, 9, 13) at stride 1."""
+    """concat(x, maxpool k1, k2, k3) at stride 1; the reference's sizes are 5, 9, 13."""
+
+    def __init__(self, kernels: Sequence[int] = (5, 9, 13)):
+        super().__init__()
+        self.kernels = tuple(kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pools = [F.max_pool2d(x, k, stride=1, padding=k // 2) for k in (5, 9, 13)]
+        pools = [F.max_pool2d(x, k, stride=1, padding=k // 2) for k in self.kernels]
         return torch.cat([x, *pools], dim=1)
 
 
@@ -93,11 +97,13 @@ class GuidedAnchorHead(nn.Module):
 class YOLOv3(nn.Module):
     """DarkNet-53 backbone, SPP neck and three guided-anchor heads.
 
-    ``width`` scales every channel count (1.0 is the reference detector).
+    ``width`` scales every channel count (1.0 is the reference detector); ``spp_kernels`` are the
+    SPP's pool sizes.
     """
 
     def __init__(self, num_classes: int = 80, anchors: Sequence[Sequence[float]] = (),
-                 anchor_masks: Sequence[Sequence[int]] = (), width: float = 1.0):
+                 anchor_masks: Sequence[Sequence[int]] = (), width: float = 1.0,
+                 spp_kernels: Sequence[int] = (5, 9, 13)):
         super().__init__()
         if not (32 * width).is_integer() or width <= 0:
             raise ValueError(f"VIS_WIDTH must be a positive multiple of 1/32, got {width}")
@@ -124,7 +130,7 @@ class YOLOv3(nn.Module):
             ResidualStage(c(1024), 4),                     # 10
             ResidualStage(c(1024), 1, shortcut=False),     # 11
             ConvBNAct(c(1024), c(512), 1),                 # 12
-            SPP(),                                         # 13
+            SPP(spp_kernels),                              # 13
             ConvBNAct(c(2048), c(512), 1),                 # 14
             ConvBNAct(c(512), c(1024), 3),                 # 15
             nn.Identity(),                                 # 16 DropBlock, keep_prob 1

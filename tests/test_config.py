@@ -16,6 +16,7 @@ def test_reference_hyperparameters():
     coco = load_config("config/refcoco.yaml")
     assert (coco.LR, coco.BATCH_SIZE, coco.EPOCHS, coco.SEED) == (1e-4, 64, 25, 1234)
     assert (coco.N_SA, coco.SELECT_NUM, coco.CLASS_NUM, coco.MAX_TOKEN) == (3, 17, 80, 15)
+    assert coco.SPP_KERNELS == [5, 9, 13]
     referit = load_config("config/referit.yaml")
     assert (referit.N_SA, referit.SELECT_NUM, referit.CLASS_NUM, referit.MAX_TOKEN) == (1, 34, 100, 20)
     assert referit.SEED == 123456
@@ -59,6 +60,9 @@ def test_invalid_values_are_rejected():
         load_config(None, ["INPUT_SHAPE=[96, 96]"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("LR")
+    for kernels in ("[5, 9]", "[5, 8, 13]", "[0, 1, 1]"):
+        with pytest.raises(ConfigError, match="SPP_KERNELS must be three odd positive sizes"):
+            load_config(None, [f"SPP_KERNELS={kernels}"])
 
 
 def test_dump_round_trip(tmp_path):

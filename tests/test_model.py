@@ -5,6 +5,7 @@ import torch
 from models import CheckpointMismatchError, build_model, load_pretrained_backbone, load_seed_state_dict
 from models.checkpoint import (detector_weight_file_state_dict, reference_state_dict as ours_as_reference,
                                to_ours, to_reference)
+from models.visual_encoder import SPP, YOLOv3
 from reference_weights import read_keys, reference_state_dict
 from utils.config import load_config
 
@@ -168,3 +169,13 @@ def test_text_blind_baselines_pick_among_the_selected_anchors(tiny_overrides):
     assert torch.all((candidates[..., :2].flatten(1, 2) - centres).abs().amin(dim=1) < 1e-3)
     with pytest.raises(ValueError, match="unknown baseline"):
         text_blind_predictor("oracle")
+
+
+def test_spp_pool_sizes_follow_the_config():
+    x = torch.randn(1, 2, 5, 5)
+    identity = SPP((1, 1, 1))(x)
+    assert torch.equal(identity, x.repeat(1, 4, 1, 1))
+    reference = SPP()(x)  # 5, 9 and 13 on a 5x5 map: every cell sees the global maximum from 9 on
+    assert torch.equal(reference[:, 4:6], x.amax(dim=(2, 3), keepdim=True).expand(1, 2, 5, 5))
+    model = YOLOv3(3, [[8, 8]] * 9, [[6, 7, 8], [3, 4, 5], [0, 1, 2]], 0.125, (1, 3, 5))
+    assert model.layers[13].kernels == (1, 3, 5)

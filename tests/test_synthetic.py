@@ -53,19 +53,30 @@ def test_every_expression_picks_out_its_referent_and_needs_its_words(data):
     scenes = _load(data["scenes"])
     expressions = 0
     for scene in scenes["images"]:
-        objects, side = scene["objects"], max(scene["width"], scene["height"])
+        objects, frame = scene["objects"], (scene["width"], scene["height"])
         for index, obj in enumerate(objects):
             for ref in obj.get("refs", []):
                 expressions += 1
-                assert resolve(ref, objects, side) == [index], ref
+                assert resolve(ref, objects, *frame) == [index], ref
                 # Minimal: without any one of its size, colour or position words it is ambiguous.
                 words = ref.split()
                 for k, word in enumerate(words):
-                    if word in CATEGORIES or resolve(word, objects, side) == list(range(len(objects))):
+                    if word in CATEGORIES or resolve(word, objects, *frame) == list(range(len(objects))):
                         continue
                     shorter = " ".join(words[:k] + words[k + 1:])
-                    assert resolve(shorter, objects, side) != [index], (ref, shorter)
+                    assert resolve(shorter, objects, *frame) != [index], (ref, shorter)
     assert expressions >= NUM_IMAGES
+
+
+def test_position_words_only_where_attributes_do_not_suffice(data):
+    positional = {"left", "leftmost", "right", "rightmost", "top", "topmost", "upper", "bottom", "lowest", "lower"}
+    kinds = set()
+    for scene in _load(data["scenes"])["images"]:
+        for obj in scene["objects"]:
+            uses = {bool(positional & set(ref.split())) for ref in obj.get("refs", [])}
+            assert len(uses) <= 1, obj["refs"]  # all of an object's expressions name its position, or none
+            kinds |= uses
+    assert kinds == {True, False}
 
 
 def test_resolve_positions_need_a_clear_margin():
@@ -73,11 +84,30 @@ def test_resolve_positions_need_a_clear_margin():
         return {"category": category, "colour": colour, "size": "small", "bbox": [x, 10.0, 10.0, 10.0]}
 
     objects = [obj("circle", "red", 10.0), obj("circle", "blue", 60.0), obj("square", "red", 63.0)]
-    assert resolve("the leftmost circle", objects, 100) == [0]
-    assert resolve("the circle on the right", objects, 100) == [1]
-    assert resolve("red one", objects, 100) == [0, 2]
-    assert resolve("the rightmost object", objects, 100) == [0, 1, 2]  # 3 px apart: no clear winner
-    assert resolve("big circle", objects, 100) == []
+    assert resolve("the leftmost circle", objects, 100, 100) == [0]
+    assert resolve("the circle on the right", objects, 100, 100) == [1]
+    assert resolve("red one", objects, 100, 100) == [0, 2]
+    assert resolve("the rightmost object", objects, 100, 100) == [0, 1, 2]  # 3 px apart: no clear winner
+    assert resolve("big circle", objects, 100, 100) == []
+
+
+def test_resolve_positions_agree_with_the_part_of_the_image():
+    def obj(x, y):
+        return {"category": "circle", "colour": "red", "size": "small", "bbox": [x, y, 10.0, 10.0]}
+
+    # Both circles right of the middle: the left one of them is not "on the left" of the image.
+    right_pair = [obj(50.0, 10.0), obj(80.0, 10.0)]
+    assert resolve("the leftmost circle", right_pair, 100, 100) == [0, 1]
+    assert resolve("the rightmost circle", right_pair, 100, 100) == [1]
+    # Two circles in the top part: "at the top" names neither, even with a clear margin.
+    top_pair = [obj(10.0, 0.0), obj(60.0, 25.0), obj(30.0, 80.0)]
+    assert resolve("the circle at the top", top_pair, 100, 100) == [0, 1, 2]
+    assert resolve("the lowest circle", top_pair, 100, 100) == [2]
+    # The part of the image is measured along its own side: a centre at x = 35 is in the left part
+    # of an image 100 px wide, not of one 70 px wide (however tall).
+    pair = [obj(30.0, 0.0), obj(55.0, 0.0)]
+    assert resolve("the leftmost circle", pair, 100, 200) == [0]
+    assert resolve("the leftmost circle", pair, 70, 200) == [0, 1]
 
 
 def test_splits_are_disjoint_by_image_and_testA_testB_split_by_category(data):

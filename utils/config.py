@@ -111,6 +111,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "CLASS_NUM": (80, "detector classes (80: COCO, 100: Visual Genome for ReferIt)"),
         "VIS_WIDTH": (1.0, "channel multiplier of the visual encoder and fusion (1.0: the reference; "
                       "smaller for CPU demos)"),
+        "SPP_KERNELS": ([5, 9, 13], "the detector's SPP max-pool sizes (odd; the reference's [5, 9, 13] "
+                        "pool its 13x13 stride-32 grid; a reduced input's smaller grid may want smaller ones)"),
         "VIS_FREEZE": (True, "keep the detector frozen (no gradients)"),
         "FREEZE_BACKBONE_BN": (False, "keep the frozen detector's BatchNorm statistics fixed in training; "
                                "the reference lets them move (False)"),
@@ -247,6 +249,9 @@ def _validate(values: dict[str, Any]) -> None:
     if values["SELECT_NUM"] > cells:
         raise ConfigError(f"SELECT_NUM ({values['SELECT_NUM']}) exceeds the {cells} cells of the stride-32 grid "
                           f"at INPUT_SHAPE {shape}; lower SELECT_NUM or raise INPUT_SHAPE")
+    kernels = values["SPP_KERNELS"]
+    if len(kernels) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernels):
+        raise ConfigError(f"SPP_KERNELS must be three odd positive sizes, got {kernels}")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")
