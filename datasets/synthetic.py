@@ -142,6 +142,13 @@ def resolve(expression: str, objects: Sequence[dict], width: int, height: int) -
     return [index]
 
 
+def expression_kind(expression: str) -> str:
+    """Which kinds of words pick the referent: ``'colour'``, ``'colour+position'``, ...; ``'category'``
+    for the category noun alone."""
+    kinds = {_WORDS[w][0] for w in re.findall(r"[a-z]+", expression.lower()) if w in _WORDS} - {"category"}
+    return "+".join(sorted(kinds)) or "category"
+
+
 def _render(spec: dict, rng: np.random.Generator) -> str:
     """One wording of ``spec`` (category or None, size, colour, position; absent ones None)."""
     words = []

@@ -29,6 +29,21 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
     for stage in ("== data", "== detector", "== train", "== evaluate"):
         assert stage in first.stdout
 
+    # The diagnosis tool scores the same model on val as test.py did, and no choice of anchor beats
+    # the ceiling it reports.
+    data = tmp_path / "data"
+    diagnosis = subprocess.run(
+        [sys.executable, "-m", "tools.diagnose_synthetic", "--eval-weights", str(tmp_path / "logs" / "best.pth"),
+         f"ANN_PATH={{synthetic: {data}/anns/synthetic.json}}", f"IMAGE_PATH={{synthetic: {data}/images}}",
+         "INPUT_SHAPE=[96, 96]", "SELECT_NUM=4", "BATCH_SIZE=4", "NUM_WORKER=0"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert diagnosis.returncode == 0, diagnosis.stderr[-3000:]
+    name, n, acc, ceiling = diagnosis.stdout.strip().splitlines()[-1].split()
+    assert name == "all" and int(n) == results["val"]["n"]
+    assert abs(float(acc) - results["val"]["acc"]) < 0.01
+    assert float(acc) <= float(ceiling)
+    assert float(ceiling) >= max(b["val"]["acc"] for b in results["baselines"].values())
+
     second = _quickstart(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "== detector: reusing" in second.stdout and "== train: reusing" in second.stdout

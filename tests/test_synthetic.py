@@ -7,7 +7,7 @@ import cv2
 import pytest
 
 from datasets import load_annotations
-from datasets.synthetic import CATEGORIES, TEST_A_CATEGORIES, generate, resolve
+from datasets.synthetic import CATEGORIES, TEST_A_CATEGORIES, expression_kind, generate, resolve
 
 NUM_IMAGES, IMAGE_SIZE = 12, 96
 
@@ -153,3 +153,11 @@ def test_detection_files_match_the_rec_file_and_the_images(data):
             assert (a["image_id"], a["bbox"], a["category_id"]) == (e["iid"], e["bbox"], e["cat_id"])
     val_ids = {a["id"] for a in val["annotations"]}
     assert val_ids == {a["id"] for a in train["annotations"] if a["image_id"] in {e["iid"] for e in anns["val"]}}
+
+
+def test_expression_kind_names_the_words_that_pick_the_referent():
+    assert expression_kind("the circle") == "category"
+    assert expression_kind("the big green one") == "colour+size"
+    assert expression_kind("blue square on the left") == "colour+position"
+    assert expression_kind("the lowest small triangle") == "position+size"
+    assert expression_kind("Little RED circle") == "colour+size"

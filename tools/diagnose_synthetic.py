@@ -1,0 +1,77 @@
+"""Where a model trained on the synthetic data goes wrong: accuracy per kind of expression, and the
+ceiling its anchors allow.
+
+    python -m tools.diagnose_synthetic --config config/synthetic.yaml --eval-weights logs/synthetic/best.pth
+
+For one split (``--split``, default val) and each kind of expression (the colour, size and position
+words it uses; ``category`` for the noun alone): how many there are, the model's Acc@0.5, and the
+share whose referent is among the selected anchors at all -- the best any choice among them can
+score, each cell giving its most confident box as the model does. A model near the ceiling needs a
+better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torchvision.ops import box_iou
+
+from datasets import RefDataset, build_loader, letterbox_to_original
+from datasets.synthetic import expression_kind
+from models.head import cell_box
+from utils.cli import run_main
+from utils.config import load_config
+from utils.distributed import local_device
+from utils.engine import gt_xyxy, predict, to_device
+from utils.inference import model_for_evaluation
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--eval-weights", required=True, help="checkpoint to diagnose")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return parser
+
+
+@torch.no_grad()
+def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str, dict[str, float]]:
+    """``{kind: {"n", "acc", "ceiling"}}`` (percentages), with ``"all"`` over every expression."""
+    counts = defaultdict(lambda: torch.zeros(3))  # samples, correct, reachable
+    index = 0
+    for batch in build_loader(cfg, dataset, train=False):
+        batch = to_device(batch, device)
+        gt = gt_xyxy(batch["gt_box"])
+        correct = box_iou(predict(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
+        candidates = model.candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
+        b, k = candidates.shape[:2]
+        boxes = torch.stack([cell_box(candidates, torch.full((b,), cell, device=device))[:, 0, :4]
+                             for cell in range(k)], dim=1)  # [B, K, 4] letterboxed
+        boxes = letterbox_to_original(boxes.flatten(0, 1), batch["info"].repeat_interleave(k, dim=0))
+        overlap = box_iou(boxes, gt).view(b, k, b)[torch.arange(b), :, torch.arange(b)]  # [B, K]
+        reachable = (overlap > 0.5).any(dim=1)
+        for i in range(b):
+            kind = expression_kind(dataset.entries[index + i]["refs"][0])
+            for key in (kind, "all"):
+                counts[key] += torch.tensor([1.0, float(correct[i]), float(reachable[i])])
+        index += b
+    return {kind: {"n": int(n), "acc": 100.0 * hit / n, "ceiling": 100.0 * reach / n}
+            for kind, (n, hit, reach) in sorted(counts.items(), key=lambda item: (item[0] == "all", item[0]))}
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    device = local_device(args.device)
+    dataset = RefDataset(cfg, args.split)
+    model = model_for_evaluation(args.eval_weights, cfg, dataset.vocab, device)
+    print(f"{'expressions':<26}{'n':>6}{'Acc@0.5':>9}{'ceiling':>9}   ({args.split})")
+    for kind, row in diagnose(model, dataset, cfg, device).items():
+        print(f"{kind:<26}{row['n']:>6}{row['acc']:>9.2f}{row['ceiling']:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
