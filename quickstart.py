@@ -7,7 +7,8 @@
 3. trains the weakly supervised REC model (``train.py``), resuming an unfinished run;
 4. evaluates every split with two text-blind baselines and draws a few predictions (``test.py``).
 
-Each stage reuses what an earlier run produced. The last line printed is ``results: PATH``, a JSON
+Each stage reuses what an earlier run produced, unless what it was made from is newer (regenerated
+data, a retrained detector). The last line printed is ``results: PATH``, a JSON
 file ``{split: {"acc", "n"}, ..., "baselines": {...}}``. ``--mini`` runs a miniature (a few images
 and steps) to check the pipeline, as CI does.
 """
@@ -55,6 +56,12 @@ def stage(name: str, command: list[str]) -> None:
     print(f"== {name}: done in {time.time() - start:.0f} s", flush=True)
 
 
+def older(path: str, *sources: str) -> bool:
+    """Whether ``path`` predates any of ``sources``: made from data or weights that were replaced since
+    (regenerated data, a retrained detector), so it must be made again, not reused."""
+    return any(os.path.getmtime(path) < os.path.getmtime(source) for source in sources)
+
+
 def main(args: argparse.Namespace) -> int:
     overrides = list(MINI["overrides"]) if args.mini else []
     if args.workdir:
@@ -78,17 +85,19 @@ def main(args: argparse.Namespace) -> int:
         generate += ["--num-images", str(MINI["images"]), "--image-size", str(MINI["image_size"])]
     stage("data", generate)
 
-    if not os.path.isfile(cfg.PRETRAIN_WEIGHT):
-        stage("detector", ["pretrain.py", "--config", args.config, *device, *overrides])
-    else:
+    manifest = os.path.join(data_root, "manifest.json")
+    if os.path.isfile(cfg.PRETRAIN_WEIGHT) and not older(cfg.PRETRAIN_WEIGHT, manifest):
         print(f"== detector: reusing {cfg.PRETRAIN_WEIGHT}")
+    else:
+        stage("detector", ["pretrain.py", "--config", args.config, *device, *overrides])
 
     last, best = os.path.join(cfg.LOG_PATH, "last.pth"), os.path.join(cfg.LOG_PATH, "best.pth")
-    finished = os.path.isfile(last) and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= cfg.EPOCHS
+    current = os.path.isfile(last) and not older(last, manifest, cfg.PRETRAIN_WEIGHT)
+    finished = current and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= cfg.EPOCHS
     if finished and os.path.isfile(best):
         print(f"== train: reusing {best}")
     else:
-        resume = ["--resume", last] if os.path.isfile(last) else []
+        resume = ["--resume", last] if current else []
         stage("train", ["train.py", "--config", args.config, *resume, *device, *overrides])
 
     results = os.path.join(cfg.LOG_PATH, "results.json")

@@ -47,3 +47,13 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
     second = _quickstart(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "== detector: reusing" in second.stdout and "== train: reusing" in second.stdout
+
+    # Data newer than the detector (regenerated since): the detector and the REC model are made again.
+    detector = tmp_path / "yolov3_synthetic.pth"
+    later = os.path.getmtime(detector) + 10
+    os.utime(tmp_path / "data" / "manifest.json", (later, later))
+    third = _quickstart(tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "== detector: pretrain.py" in third.stdout and "== train: train.py" in third.stdout
+    assert "--resume" not in third.stdout
+    assert os.path.getmtime(detector) > later - 10
