@@ -332,17 +332,15 @@ def evaluate_map(model: YOLOv3, dataset: DetectionDataset, device: torch.device,
             original = letterbox_to_original(boxes.cpu().double(), info[None].expand(len(boxes), 7))
             for box, score, label in zip(original, scores.tolist(), labels.tolist()):
                 detections[label].append((int(info[6]), score, box))
+    ground_truth = {iid: dataset.gt(iid) for iid in dataset.image_ids}
     per_class = {}
     for c, cid in enumerate(dataset.category_ids):
-        truth = {}
-        for iid in dataset.image_ids:
-            boxes, labels = dataset.gt(iid)
-            truth[iid] = boxes[labels == c]
+        truth = {iid: boxes[labels == c] for iid, (boxes, labels) in ground_truth.items()}
         per_class[cid] = average_precision(detections[c], truth)
     valid = [ap for ap in per_class.values() if not math.isnan(ap)]
     # What the REC model uses of the detector: boxes and objectness, whatever the class.
     agnostic = average_precision([d for per_label in detections for d in per_label],
-                                 {iid: dataset.gt(iid)[0] for iid in dataset.image_ids})
+                                 {iid: boxes for iid, (boxes, _) in ground_truth.items()})
     return {"mAP@0.5": float(np.mean(valid)) if valid else 0.0, "AP@0.5_per_category": per_class,
             "AP@0.5_class_agnostic": agnostic, "images": len(dataset)}
 

@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 
-import torch
-
+from utils.checkpoint import completed_epochs
 from utils.config import load_config
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
     last, best = os.path.join(cfg.LOG_PATH, "last.pth"), os.path.join(cfg.LOG_PATH, "best.pth")
     current = os.path.isfile(last) and not older(last, manifest, cfg.PRETRAIN_WEIGHT)
-    finished = current and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= cfg.EPOCHS
+    finished = current and completed_epochs(last) >= cfg.EPOCHS
     if finished and os.path.isfile(best):
         print(f"== train: reusing {best}")
     else:

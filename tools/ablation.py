@@ -15,8 +15,7 @@ import os
 import subprocess
 import sys
 
-import torch
-
+from utils.checkpoint import completed_epochs
 from utils.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +50,7 @@ def main() -> int:
         logs = os.path.join(folder, name)
         overrides = [*args.overrides, *VARIANTS[name], f"LOG_PATH={logs}"]
         last = os.path.join(logs, "last.pth")
-        if not (os.path.isfile(last) and
-                torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= cfg.EPOCHS):
+        if completed_epochs(last) < cfg.EPOCHS:
             resume = ["--resume", last] if os.path.isfile(last) else []
             run("train.py", "--config", args.config, *resume, *overrides)
         out = os.path.join(logs, "results.json")

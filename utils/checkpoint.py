@@ -88,3 +88,10 @@ def restore_training_state(ckpt: dict, path: str, model, ema, optimizer, schedul
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+
+
+def completed_epochs(path: str) -> int:
+    """Epochs the training checkpoint ``path`` (train.py's ``last.pth``) has finished; 0 when absent."""
+    if not os.path.isfile(path):
+        return 0
+    return load_checkpoint(path, "training checkpoint")["epoch"]
