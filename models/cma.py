@@ -4,6 +4,14 @@ Visual tokens first attend to themselves; the expression then scales and shifts
 their normalised copy (FiLM-style), and the tokens attend to that copy. Each
 branch enters through a tanh gate that starts at zero, so a fresh block is the
 identity on top of its input projection.
+
+The reference conditions each image's tokens on that image's own expression
+and then scores them against every expression of the batch: a negative image's
+anchors then carry another expression, and the contrastive loss can match
+expressions to expressions through them instead of to what the image shows.
+:meth:`CrossModalityAttention.anchors` can instead condition every image on
+every expression (``pairwise``), which is what the expression scored sees at
+test time.
 """
 from __future__ import annotations
 
@@ -32,10 +40,10 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = self.to_q(self.norm(x)) * self.scale
         k, v = self.to_kv(context).chunk(2, dim=-1)
-        scores = q @ k.transpose(-2, -1)  # [B, N_q, N_kv]
+        scores = q @ k.transpose(-2, -1)  # [..., N_q, N_kv]
         attn = (scores - scores.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
         if self.form == "seed":
-            out = v * attn.sum(dim=1).unsqueeze(-1)
+            out = v * attn.sum(dim=-2).unsqueeze(-1)
         else:
             out = attn @ v
         return self.to_out(out)
@@ -71,19 +79,37 @@ class CrossModalityAttention(nn.Module):
     def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """visual ``[B,C,H,W]``, text ``[B,D]`` -> ``[B,D,H,W]``."""
         b, _, h, w = visual.shape
+        cells = torch.arange(h * w, device=visual.device).expand(b, -1)
+        return self.anchors(visual, text, cells).transpose(1, 2).reshape(b, -1, h, w)
+
+    def anchors(self, visual: torch.Tensor, text: torch.Tensor, cells: torch.Tensor,
+                pairwise: bool = False) -> torch.Tensor:
+        """visual ``[B,C,H,W]``, text ``[B,D]``, cells ``[B,K]`` (indices into H*W) -> the tokens of those
+        cells, ``[B,K,D]`` with image i conditioned on text i, or with ``pairwise``
+        ``[B_text,B_image,K,D]`` with every image conditioned on every text."""
         x = self.in_proj(visual.flatten(2).transpose(1, 2))  # [B, N=H*W, D]
         x = x + self.self_attn_gate.tanh() * self.self_attn(x, x)
-        x = x + self.self_ff_gate.tanh() * self.self_ff(x)
-        visual_tokens = x
+        visual_tokens = x + self.self_ff_gate.tanh() * self.self_ff(x)
+        # Normalised per sample over all N x D values at once (InstanceNorm2d on a 3-D tensor).
+        normalised = F.layer_norm(visual_tokens, visual_tokens.shape[1:], eps=1e-5)
 
         e = self.text_mlp(text)
-        gamma = self.to_gamma(e).tanh()[:, None, :]
-        beta = self.to_beta(e).tanh()[:, None, :]
-        # Normalised per sample over all N x D values at once (InstanceNorm2d on a 3-D tensor).
-        z = F.layer_norm(x, x.shape[1:], eps=1e-5)
-        z = (gamma * z + beta).relu()
-        z = self.film_scale * z + visual_tokens
+        gamma, beta = self.to_gamma(e).tanh(), self.to_beta(e).tanh()  # [B, D]
+        if pairwise:  # text i on dim 0, image j on dim 1
+            gamma, beta = gamma[:, None, None, :], beta[:, None, None, :]
+            visual_tokens, normalised, cells = visual_tokens[None], normalised[None], cells[None]
+        else:
+            gamma, beta = gamma[:, None, :], beta[:, None, :]
+        z = self.film_scale * (gamma * normalised + beta).relu() + visual_tokens
 
         x = visual_tokens + self.cross_attn_gate.tanh() * self.cross_attn(visual_tokens, z)
-        out = visual_tokens + self.cross_ff_gate.tanh() * self.cross_ff(x)
-        return out.transpose(1, 2).reshape(b, -1, h, w)
+        # The last feed-forward is per token: run it on the kept cells only.
+        x = _gather_tokens(x, cells)
+        return _gather_tokens(visual_tokens, cells) + self.cross_ff_gate.tanh() * self.cross_ff(x)
+
+
+def _gather_tokens(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """x ``[..., N, D]``, cells ``[..., K]`` (broadcast against x's leading dims) -> ``[..., K, D]``."""
+    lead = torch.broadcast_shapes(x.shape[:-2], cells.shape[:-1])
+    index = cells.expand(*lead, cells.shape[-1])[..., None].expand(*lead, cells.shape[-1], x.shape[-1])
+    return x.expand(*lead, *x.shape[-2:]).gather(-2, index)

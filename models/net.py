@@ -41,6 +41,7 @@ class REC(nn.Module):
         self.expr_proj = nn.Linear(hidden, hidden)
         self.cma = (CrossModalityAttention(s32, hidden, cfg.DROPOUT_R, cfg.CMA_ATTENTION)
                     if cfg.USE_CMA else None)
+        self.cma_pairwise = cfg.CMA_CONDITION == "query"
         # Parameters the reference owns but never runs: kept for its checkpoints, and marked
         # untrainable so that DDP expects no gradient for them (the optimizer would skip them anyway).
         unused = [self.fusion.mid_proj, self.fusion.bot_proj] + ([self.anchor_proj] if self.cma else [])
@@ -72,8 +73,8 @@ class REC(nn.Module):
 
         cells = self.select_cells(boxes)
         if self.cma is not None:
-            grid = self.cma(top, pooled[:, 0]).flatten(2).transpose(1, 2)  # [B, h*w, D]
-            anchors = _gather_cells(grid, cells)
+            # [B, K, D], or [B_text, B_image, K, D] when every image is conditioned on every expression
+            anchors = self.cma.anchors(top, pooled[:, 0], cells, pairwise=self.training and self.cma_pairwise)
         else:
             anchors = self.anchor_proj(_gather_cells(top.flatten(2).transpose(1, 2), cells))
         texts = self.expr_proj(pooled)  # [B, E, D]
@@ -81,7 +82,6 @@ class REC(nn.Module):
         if self.training:
             return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
         return predict_boxes(anchors, texts[:, 0], _gather_cells(boxes, cells))
-
 
     def select_cells(self, boxes: torch.Tensor) -> torch.Tensor:
         """The K cells whose 4 anchors are most confident on average, in grid order: ``[B, K]``."""

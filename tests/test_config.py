@@ -60,6 +60,8 @@ def test_invalid_values_are_rejected():
         load_config(None, ["INPUT_SHAPE=[96, 96]"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("LR")
+    with pytest.raises(ConfigError, match="CMA_CONDITION must be 'own' or 'query'"):
+        load_config(None, ["CMA_CONDITION=pairwise"])
     for kernels in ("[5, 9]", "[5, 8, 13]", "[0, 1, 1]"):
         with pytest.raises(ConfigError, match="SPP_KERNELS must be three odd positive sizes"):
             load_config(None, [f"SPP_KERNELS={kernels}"])

@@ -5,6 +5,7 @@ import torch
 from models import CheckpointMismatchError, build_model, load_pretrained_backbone, load_seed_state_dict
 from models.checkpoint import (detector_weight_file_state_dict, reference_state_dict as ours_as_reference,
                                to_ours, to_reference)
+from models.head import rec_loss
 from models.visual_encoder import SPP, YOLOv3
 from reference_weights import read_keys, reference_state_dict
 from utils.config import load_config
@@ -99,7 +100,8 @@ def test_batch_of_one_in_training_is_a_clear_error(tiny_overrides):
         assert model(images, refs).shape == (1, 1, 5)
 
 
-@pytest.mark.parametrize("extra", [[], ["CMA_ATTENTION=standard"], ["USE_CMA=false", "NUM_REFS=1"]])
+@pytest.mark.parametrize("extra", [[], ["CMA_ATTENTION=standard"], ["USE_CMA=false", "NUM_REFS=1"],
+                                   ["CMA_CONDITION=query"]])
 def test_a_few_steps_lower_the_loss(tiny_overrides, extra):
     cfg, model = _tiny(tiny_overrides, *extra)
     images, refs = _batch(cfg, 6, cfg.NUM_REFS)
@@ -140,6 +142,36 @@ def test_attention_forms_differ_only_by_the_switch(tiny_overrides):
         seed.cma.self_attn_gate.data.zero_(), seed.cma.cross_attn_gate.data.zero_()
         standard.cma.self_attn_gate.data.zero_(), standard.cma.cross_attn_gate.data.zero_()
         torch.testing.assert_close(seed.cma(x, t), standard.cma(x, t))
+
+
+def test_pairwise_conditioning_scores_each_image_as_its_text_sees_it(tiny_overrides):
+    _, model = _tiny(tiny_overrides)
+    cma = model.cma.eval()  # BatchNorm of the text MLP on running statistics: samples independent
+    for gate in ("self_attn_gate", "self_ff_gate", "cross_attn_gate", "cross_ff_gate"):
+        getattr(cma, gate).data.fill_(0.5)
+    x, t = torch.randn(3, 128, 4, 4), torch.randn(3, 64)
+    cells = torch.tensor([[0, 5, 9], [1, 2, 15], [3, 7, 8]])
+    with torch.no_grad():
+        pairwise = cma.anchors(x, t, cells, pairwise=True)
+        assert pairwise.shape == (3, 3, 3, 64)
+        for i in range(3):
+            for j in range(3):
+                torch.testing.assert_close(pairwise[i, j], cma.anchors(x[j:j + 1], t[i:i + 1], cells[j:j + 1])[0])
+        grid = cma(x, t).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(cma.anchors(x, t, cells), grid[torch.arange(3)[:, None], cells])
+        assert not torch.allclose(pairwise[0, 1], pairwise[1, 1])
+
+
+def test_loss_of_anchors_conditioned_per_text_reduces_to_the_shared_case():
+    g = torch.Generator().manual_seed(0)
+    anchors, texts = torch.randn(4, 5, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    shared = rec_loss(anchors, texts)
+    per_text = rec_loss(anchors.expand(4, -1, -1, -1), texts)
+    for key in shared:
+        torch.testing.assert_close(per_text[key], shared[key])
+    varied = anchors.expand(4, -1, -1, -1).clone()
+    varied[0, 1] += 1.0  # what text 0 sees of image 1 only
+    assert not torch.allclose(rec_loss(varied, texts)["ce"], shared["ce"])
 
 
 def test_refs_shape_is_checked(tiny_overrides):

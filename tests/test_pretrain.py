@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def _overrides(data, log_path, epochs=1):
-    return ["INPUT_SHAPE=[64, 64]", "SELECT_NUM=2", "VIS_WIDTH=0.125", "CLASS_NUM=3", "NUM_WORKER=0", "PRINT_FREQ=1",
+    return ["INPUT_SHAPE=[64, 64]", "SELECT_NUM=2", "VIS_WIDTH=0.125", "CLASS_NUM=12", "NUM_WORKER=0", "PRINT_FREQ=1",
             f"DET_ANN_PATH={data['detection_train']}", f"DET_VAL_ANN_PATH={data['detection_val']}",
             f"DET_IMAGE_PATH={data['images']}", "DET_VAL_IMAGE_PATH=''",
             f"DET_EXCLUDE_ANNS=[{data['annotations']}]", f"DET_EPOCHS={epochs}", "DET_BATCH_SIZE=4",
@@ -118,7 +118,8 @@ def test_loss_decreases_on_a_fixed_batch(data):
 
 
 def test_boxes_are_assigned_to_the_best_prior_and_the_anchor_free_slot(data):
-    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused"))
+    priors = "[[4, 4], [6, 6], [8, 8], [10, 10], [12, 12], [14, 14], [20, 19], [30, 28], [42, 40]]"
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + [f"ANCHORS={priors}"])
     model = pretrain.build_detector(cfg)
     _, raw = model(torch.zeros(1, 3, 64, 64), decode=False)
     # A 30 x 28 box (one of the stride-32 priors) centred in cell (1, 1) of the 2 x 2 stride-32 grid.

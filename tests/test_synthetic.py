@@ -7,7 +7,8 @@ import cv2
 import pytest
 
 from datasets import load_annotations
-from datasets.synthetic import CATEGORIES, TEST_A_CATEGORIES, expression_kind, generate, resolve
+from datasets.synthetic import (CATEGORIES, DETECTION_CATEGORIES, TEST_A_CATEGORIES, expression_kind, generate,
+                                resolve)
 
 NUM_IMAGES, IMAGE_SIZE = 12, 96
 
@@ -120,7 +121,7 @@ def test_splits_are_disjoint_by_image_and_testA_testB_split_by_category(data):
         for b in splits[i + 1:]:
             assert not images[a] & images[b], (a, b)
     assert set().union(*images.values()) == set(range(1, NUM_IMAGES + 1))
-    circle_ids = {CATEGORIES.index(c) + 1 for c in TEST_A_CATEGORIES}
+    circle_ids = {i + 1 for i, (_, shape) in enumerate(DETECTION_CATEGORIES) if shape in TEST_A_CATEGORIES}
     assert all(e["cat_id"] in circle_ids for e in anns["testA"])
     assert all(e["cat_id"] not in circle_ids for e in anns["testB"])
     assert all(1 <= len(e["refs"]) <= 3 and len(set(e["refs"])) == len(e["refs"]) for e in anns["train"])
@@ -133,7 +134,11 @@ def test_splits_are_disjoint_by_image_and_testA_testB_split_by_category(data):
 def test_detection_files_match_the_rec_file_and_the_images(data):
     anns = load_annotations(data["annotations"], "synthetic")
     train, val = _load(data["detection_train"]), _load(data["detection_val"])
-    assert [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])] == list(CATEGORIES)
+    names = [c["name"] for c in sorted(train["categories"], key=lambda c: c["id"])]
+    assert names == [f"{colour} {shape}" for colour, shape in DETECTION_CATEGORIES]
+    assert len(names) == len(CATEGORIES) * 4
+    scenes = {s["iid"]: s for s in _load(data["scenes"])["images"]}
+    objects = {o["id"]: o for s in scenes.values() for o in s["objects"]}
     assert {im["id"] for im in train["images"]} == set(range(1, NUM_IMAGES + 1))
     assert {im["id"] for im in val["images"]} == {e["iid"] for e in anns["val"]}
     for image in train["images"]:
@@ -151,6 +156,8 @@ def test_detection_files_match_the_rec_file_and_the_images(data):
         for e in entries:
             a = by_id[e["mask_id"]]
             assert (a["image_id"], a["bbox"], a["category_id"]) == (e["iid"], e["bbox"], e["cat_id"])
+            obj = objects[e["mask_id"]]
+            assert names[a["category_id"] - 1] == f"{obj['colour']} {obj['category']}"
     val_ids = {a["id"] for a in val["annotations"]}
     assert val_ids == {a["id"] for a in train["annotations"] if a["image_id"] in {e["iid"] for e in anns["val"]}}
 

@@ -1,4 +1,5 @@
-"""Ablation of the ACCV 2024 components on one config: RefCLIP, +CMA, +FNS, +ER, full.
+"""Ablation of the ACCV 2024 components on one config: RefCLIP, +CMA, +FNS, +ER, full (and the CMA rows
+again with CMA_CONDITION=query).
 
     python -m tools.ablation --config config/synthetic.yaml [KEY=VALUE ...]
 
@@ -21,13 +22,16 @@ from utils.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each variant adds one component to RefCLIP (one expression per sample, contrastive loss only);
-# 'full' is the ACCV 2024 model: all three, three expressions per sample.
+# 'full' is the ACCV 2024 model: all three, three expressions per sample. The '-query' rows condition
+# the CMA on the expression being scored instead of the image's own (CMA_CONDITION).
 VARIANTS = {
     "refclip": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
-    "+cma": ["USE_CMA=true", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
+    "+cma": ["USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
     "+fns": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.0"],
     "+er": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.1"],
-    "full": ["USE_CMA=true", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
+    "full": ["USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
+    "+cma-query": ["USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
+    "full-query": ["USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
 }
 
 

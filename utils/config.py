@@ -127,6 +127,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "SELECT_NUM": (17, "anchors (grid cells) kept per image"),
         "USE_CMA": (True, "cross-modality attention block (False: RefCLIP's linear projection)"),
         "CMA_ATTENTION": ("seed", "'seed': the reference's column-sum attention; 'standard': softmax(QK)V"),
+        "CMA_CONDITION": ("own", "which expression the CMA conditions an image's anchors on in training. "
+                          "'own' (the reference): the image's own, then they are scored against every "
+                          "expression of the batch, so negatives carry other expressions and the loss can "
+                          "match expressions through them; 'query': the expression being scored, as at test "
+                          "time (B^2 conditioned copies of the anchors per step)"),
         "FNS_WEIGHT": (0.1, "weight of the false-negative suppression loss (0 disables it)"),
         "ER_WEIGHT": (0.1, "weight of the equivariant regularization loss (0 disables it)"),
     },
@@ -238,6 +243,8 @@ def _validate(values: dict[str, Any]) -> None:
         raise ConfigError(f"AMP must be 'none', 'bf16' or 'fp16', got {values['AMP']!r}")
     if values["CMA_ATTENTION"] not in ("seed", "standard"):
         raise ConfigError(f"CMA_ATTENTION must be 'seed' or 'standard', got {values['CMA_ATTENTION']!r}")
+    if values["CMA_CONDITION"] not in ("own", "query"):
+        raise ConfigError(f"CMA_CONDITION must be 'own' or 'query', got {values['CMA_CONDITION']!r}")
     if values["SCHEDULER"] not in ("wcosine", "cosine"):
         raise ConfigError(f"SCHEDULER must be 'wcosine' or 'cosine', got {values['SCHEDULER']!r}")
     if values["NUM_REFS"] < 1:
