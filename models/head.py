@@ -61,8 +61,8 @@ def equivariant_regularization(sim_best: torch.Tensor) -> torch.Tensor:
 def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1,
              er_weight: float = 0.1) -> dict[str, torch.Tensor]:
     """anchors ``[B,K,D]`` (or ``[B_text,B_image,K,D]``, conditioned per text), texts ``[B,E,D]`` ->
-    ``{'loss', 'ce'[, 'fns'][, 'er']}``, each the mean over
-    the E expressions; ``loss = ce + fns_weight * fns + er_weight * er``. Terms of weight 0 are skipped."""
+    ``{'loss', 'ce'[, 'fns'][, 'er']}``, each the mean over the E expressions;
+    ``loss = ce + fns_weight * fns + er_weight * er``. Terms of weight 0 are skipped."""
     texts = texts.transpose(0, 1)  # [E, B, D]
     if anchors.dim() == 4:  # [B_text, B_image, K, D]: image j's anchors as text i sees them
         sim = torch.einsum("eid,ijkd->eijk", texts, anchors)
