@@ -235,18 +235,19 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
+# Keys that take one of a few words.
+_CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("seed", "standard"),
+            "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine")}
+
+
 def _validate(values: dict[str, Any]) -> None:
     shape = values["INPUT_SHAPE"]
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] % 32:
         raise ConfigError(f"INPUT_SHAPE must be [S, S] with S a multiple of 32, got {shape}")
-    if values["AMP"] not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"AMP must be 'none', 'bf16' or 'fp16', got {values['AMP']!r}")
-    if values["CMA_ATTENTION"] not in ("seed", "standard"):
-        raise ConfigError(f"CMA_ATTENTION must be 'seed' or 'standard', got {values['CMA_ATTENTION']!r}")
-    if values["CMA_CONDITION"] not in ("own", "query"):
-        raise ConfigError(f"CMA_CONDITION must be 'own' or 'query', got {values['CMA_CONDITION']!r}")
-    if values["SCHEDULER"] not in ("wcosine", "cosine"):
-        raise ConfigError(f"SCHEDULER must be 'wcosine' or 'cosine', got {values['SCHEDULER']!r}")
+    for key, choices in _CHOICES.items():
+        if values[key] not in choices:
+            *rest, last = (repr(c) for c in choices)
+            raise ConfigError(f"{key} must be {', '.join(rest)} or {last}, got {values[key]!r}")
     if values["NUM_REFS"] < 1:
         raise ConfigError(f"NUM_REFS must be at least 1, got {values['NUM_REFS']}")
     if values["SELECT_NUM"] < 2:
