@@ -1,4 +1,4 @@
-"""Rebuild the parity weights by the naming rule of tests/fixtures/PARITY.md."""
+"""Rebuild the parity weights by the naming rule of shared/parity/README.md."""
 from __future__ import annotations
 
 import math
@@ -7,12 +7,13 @@ import zlib
 
 import torch
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# The reference's parity numbers live in the workspace's shared/ folder, beside the checkout (as CI lays it out).
+PARITY = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "parity"))
 
 
 def read_keys(tsv: str) -> list[tuple[str, str, list[int]]]:
     rows = []
-    with open(os.path.join(FIXTURES, tsv)) as f:
+    with open(os.path.join(PARITY, tsv)) as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
@@ -44,7 +45,7 @@ def reference_state_dict(tsv: str = "seed_checkpoint_keys.tsv", drop_prefix: str
 
 
 def reference_cases() -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(FIXTURES, "seed_reference.pt"), weights_only=True)
+    return torch.load(os.path.join(PARITY, "seed_reference.pt"), weights_only=True)
 
 
 def reference_images(salt: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The data pipeline against the reference's output (tests/fixtures/data) and on bad data."""
+"""The data pipeline against the reference's output (shared/parity/data) and on bad data."""
 import json
 import os
 
@@ -11,9 +11,10 @@ import torch.distributed as dist
 from datasets import (DataError, EpochSampler, RefDataset, ShardSampler, box_to_yolo, build_loader, letterbox_geometry,
                       letterbox_image, letterbox_to_original, original_to_letterbox, select_expressions,
                       tokenize)
+from reference_weights import PARITY
 from utils.config import load_config
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
+FIXTURES = os.path.join(PARITY, "data")
 with open(os.path.join(FIXTURES, "expected.json")) as _f:
     EXPECTED = json.load(_f)
 with open(os.path.join(FIXTURES, "anns.json")) as _f:

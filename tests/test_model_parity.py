@@ -1,4 +1,4 @@
-"""The model against the reference's own numbers (tests/fixtures/PARITY.md)."""
+"""The model against the reference's own numbers (shared/parity/README.md)."""
 import pytest
 import torch
 

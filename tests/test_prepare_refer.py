@@ -1,4 +1,4 @@
-"""REFER layout -> annotation file, against what SimREC's data_process.py wrote (tests/fixtures/refer)."""
+"""REFER layout -> annotation file, against what SimREC's data_process.py wrote (shared/parity/refer)."""
 import json
 import os
 import pickle
@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from datasets.prepare_refer import category_index, convert, main
+from reference_weights import PARITY
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "refer")
+FIXTURES = os.path.join(PARITY, "refer")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
