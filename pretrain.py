@@ -37,9 +37,9 @@ The loss (:func:`detection_loss`), YOLOv3 adapted to guided anchors:
   with IoU above DET_IGNORE_IOU are left out (neither pushed up nor down).
 - Classes: binary cross-entropy on the one-hot class at positives.
 
-Each term is summed and divided by the number of positives in the batch; the
-objectness biases start at logit(0.01) so that the many empty cells do not
-swamp the first steps. Evaluation: score = objectness x class probability,
+Each term is summed and divided by the number of positives in the batch, and
+the class term weighted by DET_CLS_WEIGHT; the objectness biases start at
+logit(0.01) so that the many empty cells do not swamp the first steps. Evaluation: score = objectness x class probability,
 ``torchvision.ops.batched_nms`` at IoU 0.5 per class, up to 100 boxes per
 image, then VOC-style all-point AP at IoU 0.5 per class, averaged over classes.
 """
@@ -193,15 +193,18 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
 
 
 def build_detector(cfg: Config) -> YOLOv3:
-    """A fresh detector of the config's shape: objectness biases at logit(0.01), and the offsets of
+    """A fresh detector of the config's shape: objectness biases at logit(0.01), class biases at
+    logit(1 / CLASS_NUM), and the offsets of
     the deformable convolutions near zero (guided anchoring's initialisation), so that they start as
     plain 3x3 convolutions instead of sampling at random places, cells away on the coarse grids."""
-    model = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS)
+    model = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS, cfg.VIS_MIN_CHANNELS)
     with torch.no_grad():
         for head in model.heads:
             torch.nn.init.normal_(head.adaption.offset.weight, std=0.01)
             torch.nn.init.zeros_(head.adaption.offset.bias)
-            head.pred.bias.view(-1, head.num_outputs)[:, 4] = math.log(_OBJECTNESS_PRIOR / (1 - _OBJECTNESS_PRIOR))
+            bias = head.pred.bias.view(-1, head.num_outputs)
+            bias[:, 4] = math.log(_OBJECTNESS_PRIOR / (1 - _OBJECTNESS_PRIOR))
+            bias[:, 5:] = -math.log(max(cfg.CLASS_NUM - 1, 1))
     return model
 
 
@@ -216,10 +219,11 @@ def _xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
 
 
 def detection_loss(model: YOLOv3, raw: Sequence[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor,
-                   ignore_iou: float = 0.5) -> dict[str, torch.Tensor]:
+                   ignore_iou: float = 0.5, cls_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """The loss of the module docstring. ``raw``: each head's ``(shape_pred, out)`` from
     ``GuidedAnchorHead.raw``; ``targets`` ``[M,6]`` as :func:`collate` makes them. Returns the
-    total ``loss`` and its parts ``shape``, ``box``, ``obj``, ``cls``."""
+    total ``loss`` (the class term weighted by ``cls_weight``) and its unweighted parts ``shape``,
+    ``box``, ``obj``, ``cls``."""
     heads = model.heads
     targets = targets.to(raw[0][1].device, torch.float32)
     gt_xyxy = targets[:, 2:6]
@@ -270,7 +274,7 @@ def detection_loss(model: YOLOv3, raw: Sequence[tuple[torch.Tensor, torch.Tensor
         sums["obj"] = sums["obj"] + F.binary_cross_entropy_with_logits(out[..., 4], obj_target, weight,
                                                                        reduction="sum")
     parts = {k: v / max(num_pos, 1) for k, v in sums.items()}
-    parts["loss"] = sum(parts.values())
+    parts["loss"] = parts["shape"] + parts["box"] + parts["obj"] + cls_weight * parts["cls"]
     return parts
 
 
@@ -426,7 +430,7 @@ def main(args: argparse.Namespace) -> int:
                 images = batch["image"].to(device, non_blocking=True)
                 with autocast(device, cfg.AMP):
                     _, raw = train_model(images, decode=False)
-                parts = detection_loss(model, raw, batch["targets"], cfg.DET_IGNORE_IOU)
+                parts = detection_loss(model, raw, batch["targets"], cfg.DET_IGNORE_IOU, cfg.DET_CLS_WEIGHT)
                 optimize(parts["loss"], optimizer, scheduler, scaler, _GRAD_CLIP, ema, model)
                 step += 1
                 if step % cfg.PRINT_FREQ == 0 or step == total_steps:

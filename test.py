@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import RefDataset, build_loader, load_annotations
+from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.config import Config, load_config
 from utils.engine import BASELINES, evaluate, gt_xyxy, predict, text_blind_predictor, to_device
@@ -172,10 +173,13 @@ def main(args: argparse.Namespace) -> int:
         results, baselines = {}, {kind: {} for kind in (BASELINES if args.baselines else ())}
         for split, dataset in datasets.items():
             loader = build_loader(cfg, dataset, train=False, distributed=distributed)
-            results[split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST)
+            # An image recurs once per expression, and once more per baseline.
+            cache = DetectorCache() if cfg.CACHE_DETECTOR else None
+            results[split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST, detector_cache=cache)
             for kind in baselines:
                 baselines[kind][split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST,
-                                                  predictor=text_blind_predictor(kind, cfg.SEED))
+                                                  predictor=text_blind_predictor(kind, cfg.SEED),
+                                                  detector_cache=cache)
         if baselines:
             results["baselines"] = baselines
         if is_main:

@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets import RefDataset, build_loader, load_word_vectors
-from models import CheckpointMismatchError, build_model, load_pretrained_backbone
+from models import CheckpointMismatchError, DetectorCache, build_model, load_pretrained_backbone
 from utils import distributed as dist_utils
 from utils.checkpoint import FORMAT, load_checkpoint, restore_training_state, rng_state, save_atomic
 from utils.config import Config, ConfigError, load_config
@@ -115,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, len(train_loader), cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.AMP == "fp16" else None
+    detector_cache = DetectorCache() if cfg.CACHE_DETECTOR else None
 
     start_epoch, start_batch, step, best_acc = 0, 0, 0, -1.0
     if args.resume:
@@ -157,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
             progress = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.EPOCHS}",
                             disable=not is_main, dynamic_ncols=True, leave=False)
             step = train_one_epoch(train_model, train_loader, optimizer, scheduler, ema, scaler, cfg,
-                                   device, step, on_log, progress, stop)
+                                   device, step, on_log, progress, stop, detector_cache)
             progress.close()
             start_batch = 0
             if stop.requested:
@@ -168,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
                 return 130
             if (epoch + 1) % cfg.EVAL_EVERY == 0 or epoch + 1 == cfg.EPOCHS:
                 result = evaluate(ema.module if ema is not None else model, val_loader, device, cfg.AMP,
-                                  cfg.CHANNELS_LAST)
+                                  cfg.CHANNELS_LAST, detector_cache=detector_cache)
                 log.info("epoch %d: %s Acc@0.5 %.2f (n=%d)", epoch + 1, cfg.VAL_SPLIT, result["acc"], result["n"])
                 if writer is not None:
                     writer.add_scalar(f"val/{cfg.VAL_SPLIT}_acc", result["acc"], epoch + 1)

@@ -30,8 +30,8 @@ Layout under ``root`` (``python -m datasets.synthetic --out DIR``)::
     scenes.json                        every object with its category, colour, size and box
     manifest.json                      the generation parameters (written last)
 
-Splits: ``train`` (70 %), ``val``, ``testA``, ``testB`` (10 % each), no image
-shared between splits. As RefCOCO's testA holds images with several people
+Splits: ``val``, ``testA``, ``testB`` (10 % of the images each, or
+``--eval-images`` each), ``train`` the rest; no image shared between splits. As RefCOCO's testA holds images with several people
 and only people as referents and testB the other objects, testA's images hold
 several circles and only circles are referred to; testB's hold several squares
 or triangles and only those are referred to. Training entries hold all
@@ -73,7 +73,7 @@ COLOURS = {"red": (215, 40, 40), "green": (35, 160, 60), "blue": (40, 80, 215), 
 # What the detector learns to find; category id = position + 1.
 DETECTION_CATEGORIES = tuple((colour, shape) for shape in CATEGORIES for colour in COLOURS)
 SIZES = {"small": 0.13, "medium": 0.19, "big": 0.26}  # object extent / the image's long side
-SPLIT_SHARES = (("val", 0.1), ("testA", 0.1), ("testB", 0.1))  # train takes the rest
+EVAL_SPLITS = ("val", "testA", "testB")
 ANN_NAME = "synthetic.json"
 
 _FORMAT_VERSION = 3
@@ -216,13 +216,14 @@ def describe(index: int, objects: Sequence[dict], frame: tuple[int, int], rng: n
     return expressions
 
 
-def _split_of_images(num_images: int) -> list[str]:
-    counts = {name: max(1, round(share * num_images)) if num_images >= 4 else 0
-              for name, share in SPLIT_SHARES}
-    train = num_images - sum(counts.values())
-    if train < 1:
-        raise ValueError(f"num_images must be at least 4 (one image per split), got {num_images}")
-    return ["train"] * train + [name for name, n in counts.items() for _ in range(n)]
+def _split_of_images(num_images: int, eval_images: int | None) -> list[str]:
+    if eval_images is None:
+        eval_images = max(1, round(0.1 * num_images))
+    train = num_images - len(EVAL_SPLITS) * eval_images
+    if eval_images < 1 or train < 1:
+        raise ValueError(f"{num_images} images cannot hold {eval_images} for each of val, testA and testB and "
+                         "one or more for train: raise num_images or lower eval_images")
+    return ["train"] * train + [name for name in EVAL_SPLITS for _ in range(eval_images)]
 
 
 def _referable(category: str, split: str) -> bool:
@@ -315,9 +316,9 @@ def _make_image(seed: int, iid: int, split: str, image_size: int) -> tuple[dict,
     return scene, _draw(rng, width, height, objects)
 
 
-def _manifest(num_images: int, image_size: int, seed: int) -> dict:
-    return {"generator": "datasets.synthetic", "version": _FORMAT_VERSION,
-            "num_images": num_images, "image_size": image_size, "seed": seed}
+def _manifest(num_images: int, image_size: int, seed: int, eval_images: int | None) -> dict:
+    return {"generator": "datasets.synthetic", "version": _FORMAT_VERSION, "num_images": num_images,
+            "image_size": image_size, "seed": seed, "eval_images": eval_images}
 
 
 def _paths(root: str) -> dict[str, str]:
@@ -374,8 +375,11 @@ def _rec(scenes: Sequence[dict]) -> dict[str, list[dict]]:
     return splits
 
 
-def generate(root: str, num_images: int = 600, image_size: int = 256, seed: int = 0) -> dict:
+def generate(root: str, num_images: int = 600, image_size: int = 256, seed: int = 0,
+             eval_images: int | None = None) -> dict:
     """Write the dataset under ``root`` (see the module docstring) and return its paths.
+    ``eval_images`` images go to each of val, testA and testB (default: 10 % of ``num_images``),
+    the rest to train.
 
     Nothing is rewritten when ``root`` already holds the data of the same
     parameters; other parameters replace it (stale ``<iid>.jpg`` files are removed).
@@ -383,7 +387,7 @@ def generate(root: str, num_images: int = 600, image_size: int = 256, seed: int 
     if image_size < 64:
         raise ValueError(f"image_size must be at least 64 pixels, got {image_size}")
     paths = _paths(root)
-    manifest = _manifest(num_images, image_size, seed)
+    manifest = _manifest(num_images, image_size, seed, eval_images)
     if _up_to_date(paths, manifest):
         return paths
 
@@ -395,7 +399,7 @@ def generate(root: str, num_images: int = 600, image_size: int = 256, seed: int 
         os.remove(paths["manifest"])
 
     scenes, next_id = [], 1
-    for iid, split in enumerate(_split_of_images(num_images), start=1):
+    for iid, split in enumerate(_split_of_images(num_images, eval_images), start=1):
         scene, image = _make_image(seed, iid, split, image_size)
         for obj in scene["objects"]:
             obj["id"], next_id = next_id, next_id + 1
@@ -433,10 +437,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (e.g. data/synthetic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=600)
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="images in each of val, testA and testB (default: 10 %% of --num-images)")
     parser.add_argument("--image-size", type=int, default=256, help="long side of the images, pixels")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = generate(args.out, args.num_images, args.image_size, args.seed)
+    paths = generate(args.out, args.num_images, args.image_size, args.seed, args.eval_images)
     with open(paths["annotations"]) as f:
         counts = {split: len(entries) for split, entries in json.load(f).items()}
     print(f"synthetic data in {paths['root']} ({time.perf_counter() - start:.1f} s): "

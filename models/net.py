@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .cma import CrossModalityAttention
+from .detector_cache import Detections
 from .fusion import MultiScaleFusion
 from .head import predict_boxes, rec_loss
 from .language_encoder import LanguageEncoder
@@ -13,7 +14,8 @@ from .visual_encoder import YOLOv3
 
 
 class REC(nn.Module):
-    """``forward(images [B,3,S,S], refs [B,E,T])``.
+    """``forward(images [B,3,S,S], refs [B,E,T], detections=None)``; ``detections``, what
+    :meth:`detect` gives for ``images``, skips the detector (a :class:`DetectorCache` supplies them).
 
     Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``).
     Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels,
@@ -29,7 +31,8 @@ class REC(nn.Module):
         self.freeze_backbone_bn = cfg.FREEZE_BACKBONE_BN
         hidden = cfg.HIDDEN_SIZE
 
-        self.visual_encoder = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS)
+        self.visual_encoder = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS,
+                                     cfg.VIS_MIN_CHANNELS)
         if self.freeze_visual:
             self.visual_encoder.requires_grad_(False)
         s32, s16, s8 = self.visual_encoder.channels
@@ -54,7 +57,7 @@ class REC(nn.Module):
             self.visual_encoder.eval()
         return self
 
-    def forward(self, images: torch.Tensor, refs: torch.Tensor):
+    def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None):
         b = images.shape[0]
         if self.training and b < 2:
             raise ValueError(f"training needs at least 2 samples per batch (got {b}): the contrastive "
@@ -64,8 +67,7 @@ class REC(nn.Module):
         if not self.training:
             refs = refs[:, :1]
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_visual):
-            (s32, s16, s8), (boxes, _, _) = self.visual_encoder(images, heads=(0,))
+        s32, s16, s8, boxes = detections if detections is not None else self.detect(images)
         top = self.fusion(s8, s16, s32)  # [B, C, h, w]
 
         pooled, _ = self.language_encoder(refs.flatten(0, 1))
@@ -83,15 +85,22 @@ class REC(nn.Module):
             return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
         return predict_boxes(anchors, texts[:, 0], _gather_cells(boxes, cells))
 
+    def detect(self, images: torch.Tensor) -> Detections:
+        """The detector's stride 32, 16 and 8 feature maps and its stride-32 boxes
+        ``[B, H*W, 4, 5+C]`` (the only head the REC model ranks)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_visual):
+            (s32, s16, s8), (boxes, _, _) = self.visual_encoder(images, heads=(0,))
+        return s32, s16, s8, boxes
+
     def select_cells(self, boxes: torch.Tensor) -> torch.Tensor:
         """The K cells whose 4 anchors are most confident on average, in grid order: ``[B, K]``."""
         return boxes[..., 4].mean(-1).topk(self.select_num, dim=1).indices.sort(dim=1).values
 
     @torch.no_grad()
-    def candidate_boxes(self, images: torch.Tensor) -> torch.Tensor:
+    def candidate_boxes(self, images: torch.Tensor, detections: Detections | None = None) -> torch.Tensor:
         """The boxes of the selected cells, ``[B, K, 4, 5+C]`` (cx, cy, w, h, objectness, classes):
         what the expression chooses among (text-blind baselines start from here)."""
-        _, (boxes, _, _) = self.visual_encoder(images, heads=(0,))
+        boxes = (detections if detections is not None else self.detect(images))[3]
         return _gather_cells(boxes, self.select_cells(boxes))
 
 

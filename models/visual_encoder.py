@@ -103,13 +103,13 @@ class YOLOv3(nn.Module):
 
     def __init__(self, num_classes: int = 80, anchors: Sequence[Sequence[float]] = (),
                  anchor_masks: Sequence[Sequence[int]] = (), width: float = 1.0,
-                 spp_kernels: Sequence[int] = (5, 9, 13)):
+                 spp_kernels: Sequence[int] = (5, 9, 13), min_channels: int = 0):
         super().__init__()
         if not (32 * width).is_integer() or width <= 0:
             raise ValueError(f"VIS_WIDTH must be a positive multiple of 1/32, got {width}")
 
         def c(ch: int) -> int:
-            return int(ch * width)
+            return max(int(ch * width), min_channels)
 
         def head(i: int, ch: int) -> GuidedAnchorHead:
             return GuidedAnchorHead(c(ch), [anchors[a] for a in anchor_masks[i]],
@@ -131,7 +131,7 @@ class YOLOv3(nn.Module):
             ResidualStage(c(1024), 1, shortcut=False),     # 11
             ConvBNAct(c(1024), c(512), 1),                 # 12
             SPP(spp_kernels),                              # 13
-            ConvBNAct(c(2048), c(512), 1),                 # 14
+            ConvBNAct(4 * c(512), c(512), 1),              # 14
             ConvBNAct(c(512), c(1024), 3),                 # 15
             nn.Identity(),                                 # 16 DropBlock, keep_prob 1
             ConvBNAct(c(1024), c(512), 1),                 # 17 -> route
@@ -139,7 +139,7 @@ class YOLOv3(nn.Module):
             head(0, 1024),                                 # 19 stride 32
             ConvBNAct(c(512), c(256), 1),                  # 20 (from 17)
             nn.Upsample(scale_factor=2, mode="nearest"),   # 21 -> cat with 8
-            ConvBNAct(c(768), c(256), 1),                  # 22
+            ConvBNAct(c(256) + c(512), c(256), 1),         # 22
             ConvBNAct(c(256), c(512), 3),                  # 23
             nn.Identity(),                                 # 24 DropBlock
             ResidualStage(c(512), 1, shortcut=False),      # 25
@@ -148,7 +148,7 @@ class YOLOv3(nn.Module):
             head(1, 512),                                  # 28 stride 16
             ConvBNAct(c(256), c(128), 1),                  # 29 (from 26)
             nn.Upsample(scale_factor=2, mode="nearest"),   # 30 -> cat with 6
-            ConvBNAct(c(384), c(128), 1),                  # 31
+            ConvBNAct(c(128) + c(256), c(128), 1),         # 31
             ConvBNAct(c(128), c(256), 3),                  # 32
             nn.Identity(),                                 # 33 DropBlock
             ResidualStage(c(256), 1, shortcut=False),      # 34

@@ -62,6 +62,9 @@ def test_invalid_values_are_rejected():
         parse_override("LR")
     with pytest.raises(ConfigError, match="CMA_CONDITION must be 'own' or 'query'"):
         load_config(None, ["CMA_CONDITION=pairwise"])
+    for key in ("VIS_MIN_CHANNELS=-8", "DET_CLS_WEIGHT=-1.0"):
+        with pytest.raises(ConfigError, match=f"{key.split('=')[0]} must not be negative"):
+            load_config(None, [key])
     for kernels in ("[5, 9]", "[5, 8, 13]", "[0, 1, 1]"):
         with pytest.raises(ConfigError, match="SPP_KERNELS must be three odd positive sizes"):
             load_config(None, [f"SPP_KERNELS={kernels}"])

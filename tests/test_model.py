@@ -211,3 +211,20 @@ def test_spp_pool_sizes_follow_the_config():
     assert torch.equal(reference[:, 4:6], x.amax(dim=(2, 3), keepdim=True).expand(1, 2, 5, 5))
     model = YOLOv3(3, [[8, 8]] * 9, [[6, 7, 8], [3, 4, 5], [0, 1, 2]], 0.125, (1, 3, 5))
     assert model.layers[13].kernels == (1, 3, 5)
+
+
+def test_channel_floor_widens_only_the_narrow_layers():
+    masks = [[6, 7, 8], [3, 4, 5], [0, 1, 2]]
+    plain = YOLOv3(3, [[8, 8]] * 9, masks, 0.0625)
+    floored = YOLOv3(3, [[8, 8]] * 9, masks, 0.0625, min_channels=16)
+    assert plain.layers[0].conv.out_channels == 2 and floored.layers[0].conv.out_channels == 16
+    assert floored.layers[9].conv.out_channels == plain.layers[9].conv.out_channels == 64
+    assert floored.channels == plain.channels == (64, 32, 16)
+    features, outputs = floored(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == [64, 32, 16]
+    assert outputs[0].shape == (1, 4, 4, 8)
+    reference = YOLOv3(3, [[8, 8]] * 9, masks, 1.0)
+    assert YOLOv3(3, [[8, 8]] * 9, masks, 1.0, min_channels=16).state_dict().keys() == reference.state_dict().keys()
+    assert all(a.shape == b.shape for a, b in zip(YOLOv3(3, [[8, 8]] * 9, masks, 1.0, min_channels=32).parameters(),
+                                                  reference.parameters()))
+

@@ -117,6 +117,22 @@ def test_loss_decreases_on_a_fixed_batch(data):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_class_term_follows_its_weight_and_starts_at_the_prior(data):
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    train_set, _ = pretrain.build_datasets(cfg)
+    batch = pretrain.collate([train_set[i] for i in range(2)])
+    model = pretrain.build_detector(cfg)
+    _, outputs = model(batch["image"])
+    scores = torch.cat([o[..., 4:].flatten(0, -2) for o in outputs])
+    torch.testing.assert_close(scores[:, 0].mean(), torch.tensor(0.01), atol=2e-3, rtol=0)
+    torch.testing.assert_close(scores[:, 1:].mean(), torch.tensor(1 / cfg.CLASS_NUM), atol=1e-2, rtol=0)
+    _, raw = model(batch["image"], decode=False)
+    plain = pretrain.detection_loss(model, raw, batch["targets"])
+    weighted = pretrain.detection_loss(model, raw, batch["targets"], cls_weight=4.0)
+    assert weighted["cls"] == plain["cls"] > 0
+    torch.testing.assert_close(weighted["loss"], plain["loss"] + 3.0 * plain["cls"])
+
+
 def test_boxes_are_assigned_to_the_best_prior_and_the_anchor_free_slot(data):
     priors = "[[4, 4], [6, 6], [8, 8], [10, 10], [12, 12], [14, 14], [20, 19], [30, 28], [42, 40]]"
     cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + [f"ANCHORS={priors}"])

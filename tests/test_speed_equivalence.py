@@ -5,12 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model
-from utils.config import load_config
+from models import DetectorCache, build_model
+from utils.config import ConfigError, load_config
 from utils.ema import ModelEMA
+from utils.engine import add_detections, train_step
 
 VOCAB = 50
 BATCH = 4
+DEVICE = torch.device("cpu")
 
 
 @pytest.fixture
@@ -219,3 +221,38 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(tiny_cfg):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(images, refs)["loss"]
     assert _relative_error(loss, expected_loss) < 1e-1
+
+
+def test_detector_cache_gives_the_uncached_steps_and_boxes_running_each_image_once(tiny_overrides):
+    cfg = load_config("config/refcoco.yaml", tiny_overrides + ["DROPOUT_R=0.0", "FREEZE_BACKBONE_BN=true",
+                                                               "CACHE_DETECTOR=true"])
+    images, refs = _inputs(cfg)
+    # Two epochs of two batches over the same four images, the second epoch in another order.
+    order = [[0, 1], [2, 3], [3, 1], [0, 2]]
+    batches = [{"image": images[i], "refs": refs[i], "info": torch.tensor([[0] * 6 + [100 + j] for j in i])}
+               for i in order]
+    plain, cached = _model(cfg), _model(cfg)
+    cache, detected = DetectorCache(), []
+    detect = cached.detect
+    cached.detect = lambda x: detected.append(len(x)) or detect(x)
+    losses = {}
+    for name, model, detector_cache in (("plain", plain, None), ("cached", cached, cache)):
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        losses[name] = [train_step(model, add_detections(model, dict(batch), detector_cache, "none", DEVICE),
+                                   optimizer, scheduler, None, None, 10.0, "none", DEVICE)["loss"]
+                        for batch in batches]
+    assert detected == [2, 2] and len(cache) == 4
+    torch.testing.assert_close(losses["cached"], losses["plain"], rtol=0, atol=0)
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        assert torch.equal(a, b), name
+    for model in (plain, cached):
+        model.eval()
+    batch = add_detections(cached, dict(batches[2]), cache, "none", DEVICE)
+    assert detected == [2, 2]
+    with torch.no_grad():
+        boxes = cached(batch["image"], batch["refs"], batch["detections"])
+        assert torch.equal(boxes, plain(images[[3, 1]], refs[[3, 1]]))
+    with pytest.raises(ConfigError, match="CACHE_DETECTOR needs a detector whose outputs do not change"):
+        load_config("config/refcoco.yaml", ["CACHE_DETECTOR=true"])

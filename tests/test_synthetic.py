@@ -168,3 +168,12 @@ def test_expression_kind_names_the_words_that_pick_the_referent():
     assert expression_kind("blue square on the left") == "colour+position"
     assert expression_kind("the lowest small triangle") == "position+size"
     assert expression_kind("Little RED circle") == "colour+size"
+
+
+def test_eval_images_fix_the_size_of_each_evaluation_split(tmp_path):
+    paths = generate(str(tmp_path), 9, 64, seed=3, eval_images=2)
+    assert [s["split"] for s in _load(paths["scenes"])["images"]] == \
+        ["train"] * 3 + ["val"] * 2 + ["testA"] * 2 + ["testB"] * 2
+    assert _load(paths["manifest"])["eval_images"] == 2
+    with pytest.raises(ValueError, match="9 images cannot hold 3 for each of val, testA and testB"):
+        generate(str(tmp_path / "small"), 9, 64, seed=3, eval_images=3)

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from datasets import letterbox_to_original
+from models.detector_cache import DetectorCache
 from models.head import cell_box
 
 from . import distributed as dist_utils
@@ -67,7 +68,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     """Forward, then :func:`optimize`. Returns the loss parts as detached tensors (no host sync
     here: the caller decides when to read them)."""
     with autocast(device, amp):
-        out = model(batch["image"], batch["refs"])
+        out = model(batch["image"], batch["refs"], batch.get("detections"))
     optimize(out["loss"], optimizer, scheduler, scaler, grad_clip, ema, model)
     return {k: v.detach().float() for k, v in out.items()}
 
@@ -97,10 +98,21 @@ class StopRequest:
         signal.signal(signal.SIGTERM, handler)
 
 
+def add_detections(model: nn.Module, batch: dict, cache: DetectorCache | None, amp: str,
+                   device: torch.device) -> dict:
+    """With a cache, puts the batch's detector outputs under ``'detections'`` (computed as the
+    model's forward would, under the same autocast), for the model to skip its detector."""
+    if cache is not None:
+        with autocast(device, amp):
+            batch["detections"] = cache(unwrap_model(model), batch["image"], batch["info"][:, 6])
+    return batch
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, scheduler, ema, scaler, cfg,
                     device: torch.device, step: int,
                     on_log: Callable[[int, dict[str, float]], None] | None = None,
-                    progress=None, stop: StopRequest | None = None) -> int:
+                    progress=None, stop: StopRequest | None = None,
+                    detector_cache: DetectorCache | None = None) -> int:
     """Runs the batches of one epoch (or until ``stop`` is requested); returns the global step.
 
     Losses stay on the device between log points: every PRINT_FREQ steps, and at the end, they
@@ -110,7 +122,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, schedu
     pending: list[dict[str, torch.Tensor]] = []
     tick, samples = time.perf_counter(), 0
     for batch in batches:
-        batch = to_device(batch, device, cfg.CHANNELS_LAST)
+        batch = add_detections(model, to_device(batch, device, cfg.CHANNELS_LAST), detector_cache, cfg.AMP, device)
         pending.append(train_step(model, batch, optimizer, scheduler, ema, scaler, cfg.GRAD_NORM_CLIP,
                                   cfg.AMP, device))
         step += 1
@@ -143,7 +155,7 @@ def _report(pending: list, step: int, rate: float, optimizer, on_log, progress) 
 def predict(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
     """Boxes ``[B,4]`` (x1, y1, x2, y2) in original image pixels."""
     with autocast(device, amp):
-        boxes = model(batch["image"], batch["refs"])
+        boxes = model(batch["image"], batch["refs"], batch.get("detections"))
     return letterbox_to_original(boxes[:, 0, :4].float(), batch["info"])
 
 
@@ -167,7 +179,7 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
     @torch.no_grad()
     def predictor(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
         with autocast(device, amp):
-            candidates = unwrap_model(model).candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
+            candidates = unwrap_model(model).candidate_boxes(batch["image"], batch.get("detections")).float()  # [B, K, 4, 5+C]
         b, k = candidates.shape[:2]
         if kind == "random_anchor":
             cell = torch.randint(k, (b,), generator=generator).to(device)
@@ -180,14 +192,15 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
-             channels_last: bool = False, progress=None, predictor: Callable = predict) -> dict[str, float]:
+             channels_last: bool = False, progress=None, predictor: Callable = predict,
+             detector_cache: DetectorCache | None = None) -> dict[str, float]:
     """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
     counts are summed, so each sample is counted exactly once. ``predictor(model, batch, amp,
     device)`` gives the boxes (default: the model's prediction)."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
     for batch in loader:
-        batch = to_device(batch, device, channels_last)
+        batch = add_detections(model, to_device(batch, device, channels_last), detector_cache, amp, device)
         pred = predictor(model, batch, amp, device)
         iou = box_iou(pred, gt_xyxy(batch["gt_box"])).diagonal()
         counts[0] += (iou > 0.5).sum()
