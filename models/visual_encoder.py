@@ -97,8 +97,8 @@ class GuidedAnchorHead(nn.Module):
 class YOLOv3(nn.Module):
     """DarkNet-53 backbone, SPP neck and three guided-anchor heads.
 
-    ``width`` scales every channel count (1.0 is the reference detector); ``spp_kernels`` are the
-    SPP's pool sizes.
+    ``width`` scales every channel count (1.0 is the reference detector) and ``min_channels`` bounds
+    the result from below; ``spp_kernels`` are the SPP's pool sizes.
     """
 
     def __init__(self, num_classes: int = 80, anchors: Sequence[Sequence[float]] = (),
