@@ -39,9 +39,10 @@ The loss (:func:`detection_loss`), YOLOv3 adapted to guided anchors:
 
 Each term is summed and divided by the number of positives in the batch, and
 the class term weighted by DET_CLS_WEIGHT; the objectness biases start at
-logit(0.01) so that the many empty cells do not swamp the first steps. Evaluation: score = objectness x class probability,
-``torchvision.ops.batched_nms`` at IoU 0.5 per class, up to 100 boxes per
-image, then VOC-style all-point AP at IoU 0.5 per class, averaged over classes.
+logit(0.01) so that the many empty cells do not swamp the first steps.
+Evaluation: score = objectness x class probability, ``torchvision.ops.batched_nms``
+at IoU 0.5 per class, up to 100 boxes per image, then VOC-style all-point AP at
+IoU 0.5 per class, averaged over classes.
 """
 from __future__ import annotations
 
@@ -194,9 +195,9 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
 
 def build_detector(cfg: Config) -> YOLOv3:
     """A fresh detector of the config's shape: objectness biases at logit(0.01), class biases at
-    logit(1 / CLASS_NUM), and the offsets of
-    the deformable convolutions near zero (guided anchoring's initialisation), so that they start as
-    plain 3x3 convolutions instead of sampling at random places, cells away on the coarse grids."""
+    logit(1 / CLASS_NUM), and the offsets of the deformable convolutions near zero (guided
+    anchoring's initialisation), so that they start as plain 3x3 convolutions instead of sampling
+    at random places, cells away on the coarse grids."""
     model = YOLOv3(cfg.CLASS_NUM, cfg.ANCHORS, cfg.ANCH_MASK, cfg.VIS_WIDTH, cfg.SPP_KERNELS, cfg.VIS_MIN_CHANNELS)
     with torch.no_grad():
         for head in model.heads:

@@ -31,8 +31,9 @@ Layout under ``root`` (``python -m datasets.synthetic --out DIR``)::
     manifest.json                      the generation parameters (written last)
 
 Splits: ``val``, ``testA``, ``testB`` (10 % of the images each, or
-``--eval-images`` each), ``train`` the rest; no image shared between splits. As RefCOCO's testA holds images with several people
-and only people as referents and testB the other objects, testA's images hold
+``--eval-images`` each), ``train`` the rest; no image shared between splits.
+As RefCOCO's testA holds images with several people and only people as
+referents and testB the other objects, testA's images hold
 several circles and only circles are referred to; testB's hold several squares
 or triangles and only those are referred to. Training entries hold all
 expressions of one object; evaluation entries one expression each.

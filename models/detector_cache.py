@@ -6,6 +6,8 @@ recomputes what is already known. On a CPU that is most of a training step of th
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -23,14 +25,15 @@ class DetectorCache:
         return len(self._outputs)
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, images: torch.Tensor, image_ids: torch.Tensor) -> Detections:
+    def __call__(self, model: torch.nn.Module, images: torch.Tensor, image_ids: Sequence[int]) -> Detections:
         """``model.detect(images)`` for a batch whose image ``i`` has id ``image_ids[i]``; the
         detector runs only on the images not seen before, once each."""
-        keys = image_ids.tolist()
-        first_seen = {key: i for i, key in reversed(list(enumerate(keys))) if key not in self._outputs}
-        if first_seen:
-            rows = list(first_seen.values())
-            outputs = model.detect(images[rows])
-            for n, key in enumerate(first_seen):
+        unseen: dict[int, int] = {}  # id -> first row holding it
+        for row, key in enumerate(image_ids):
+            if key not in self._outputs:
+                unseen.setdefault(key, row)
+        if unseen:
+            outputs = model.detect(images[list(unseen.values())])
+            for n, key in enumerate(unseen):
                 self._outputs[key] = tuple(o[n].clone() for o in outputs)
-        return tuple(torch.stack([self._outputs[key][part] for key in keys]) for part in range(4))
+        return tuple(torch.stack([self._outputs[key][part] for key in image_ids]) for part in range(4))

@@ -8,7 +8,7 @@ from torch import nn
 from models import DetectorCache, build_model
 from utils.config import ConfigError, load_config
 from utils.ema import ModelEMA
-from utils.engine import add_detections, train_step
+from utils.engine import prepare_batch, train_step
 
 VOCAB = 50
 BATCH = 4
@@ -240,7 +240,7 @@ def test_detector_cache_gives_the_uncached_steps_and_boxes_running_each_image_on
         model.train()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        losses[name] = [train_step(model, add_detections(model, dict(batch), detector_cache, "none", DEVICE),
+        losses[name] = [train_step(model, prepare_batch(model, batch, DEVICE, cache=detector_cache),
                                    optimizer, scheduler, None, None, 10.0, "none", DEVICE)["loss"]
                         for batch in batches]
     assert detected == [2, 2] and len(cache) == 4
@@ -249,7 +249,7 @@ def test_detector_cache_gives_the_uncached_steps_and_boxes_running_each_image_on
         assert torch.equal(a, b), name
     for model in (plain, cached):
         model.eval()
-    batch = add_detections(cached, dict(batches[2]), cache, "none", DEVICE)
+    batch = prepare_batch(cached, batches[2], DEVICE, cache=cache)
     assert detected == [2, 2]
     with torch.no_grad():
         boxes = cached(batch["image"], batch["refs"], batch["detections"])

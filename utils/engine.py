@@ -98,13 +98,16 @@ class StopRequest:
         signal.signal(signal.SIGTERM, handler)
 
 
-def add_detections(model: nn.Module, batch: dict, cache: DetectorCache | None, amp: str,
-                   device: torch.device) -> dict:
-    """With a cache, puts the batch's detector outputs under ``'detections'`` (computed as the
-    model's forward would, under the same autocast), for the model to skip its detector."""
+def prepare_batch(model: nn.Module, batch: dict, device: torch.device, channels_last: bool = False,
+                  cache: DetectorCache | None = None, amp: str = "none") -> dict:
+    """The batch on ``device``; with a cache, also the detector's outputs under ``'detections'``
+    (computed as the model's forward would, under the same autocast), for the model to skip its
+    detector. The image ids are read before the copy, so the lookup costs no device sync."""
+    image_ids = batch["info"][:, 6].tolist() if cache is not None else None
+    batch = to_device(batch, device, channels_last)
     if cache is not None:
         with autocast(device, amp):
-            batch["detections"] = cache(unwrap_model(model), batch["image"], batch["info"][:, 6])
+            batch["detections"] = cache(unwrap_model(model), batch["image"], image_ids)
     return batch
 
 
@@ -122,7 +125,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, schedu
     pending: list[dict[str, torch.Tensor]] = []
     tick, samples = time.perf_counter(), 0
     for batch in batches:
-        batch = add_detections(model, to_device(batch, device, cfg.CHANNELS_LAST), detector_cache, cfg.AMP, device)
+        batch = prepare_batch(model, batch, device, cfg.CHANNELS_LAST, detector_cache, cfg.AMP)
         pending.append(train_step(model, batch, optimizer, scheduler, ema, scaler, cfg.GRAD_NORM_CLIP,
                                   cfg.AMP, device))
         step += 1
@@ -179,7 +182,8 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
     @torch.no_grad()
     def predictor(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
         with autocast(device, amp):
-            candidates = unwrap_model(model).candidate_boxes(batch["image"], batch.get("detections")).float()  # [B, K, 4, 5+C]
+            candidates = unwrap_model(model).candidate_boxes(batch["image"], batch.get("detections"))
+        candidates = candidates.float()  # [B, K, 4, 5+C]
         b, k = candidates.shape[:2]
         if kind == "random_anchor":
             cell = torch.randint(k, (b,), generator=generator).to(device)
@@ -200,7 +204,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
     for batch in loader:
-        batch = add_detections(model, to_device(batch, device, channels_last), detector_cache, amp, device)
+        batch = prepare_batch(model, batch, device, channels_last, detector_cache, amp)
         pred = predictor(model, batch, amp, device)
         iou = box_iou(pred, gt_xyxy(batch["gt_box"])).diagonal()
         counts[0] += (iou > 0.5).sum()
