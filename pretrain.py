@@ -14,7 +14,7 @@ DET_OUTPUT with exactly the keys of the reference's weight file, ready to be
 used as PRETRAIN_WEIGHT. Checkpoints (``last.pth``, for ``--resume``), the
 metrics JSON, the log and TensorBoard events go to DET_LOG_PATH.
 
-Images are letterboxed to INPUT_SHAPE as for REC training (METHOD.md §8),
+Images are letterboxed to INPUT_SHAPE as for REC training (docs/method.md),
 optionally flipped horizontally (DET_FLIP); detection category ids, sorted,
 become class indices 0..CLASS_NUM-1.
 

@@ -1,4 +1,4 @@
-"""Data pipeline: annotation files and images to the tensors the model takes (METHOD.md section 8)."""
+"""Data pipeline: annotation files and images to the tensors the model takes."""
 from .annotations import DataError, image_file_name, load_annotations
 from .letterbox import box_to_yolo, letterbox_geometry, letterbox_image, letterbox_to_original, original_to_letterbox
 from .loader import EpochSampler, ShardSampler, build_loader

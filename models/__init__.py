@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import (CheckpointMismatchError, load_pretrained_backbone, load_seed_state_dict,
+from .checkpoint import (CheckpointMismatchError, load_pretrained_backbone, load_reference_state_dict,
                          reference_state_dict)
 from .detector_cache import DetectorCache
 from .net import REC
 
-__all__ = ["REC", "DetectorCache", "build_model", "load_seed_state_dict", "load_pretrained_backbone",
+__all__ = ["REC", "DetectorCache", "build_model", "load_reference_state_dict", "load_pretrained_backbone",
            "reference_state_dict", "CheckpointMismatchError"]
 
 

@@ -152,7 +152,7 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_seed_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+def load_reference_state_dict(model: nn.Module, state_dict: Mapping) -> None:
     """Load a state dict in the reference's naming (raw, or a checkpoint holding ``'state_dict'``,
     with or without DDP's ``module.`` prefix) into ``model``. Nothing is skipped: any key that is
     missing, unexpected or of another shape raises :class:`CheckpointMismatchError`."""

@@ -23,12 +23,12 @@ from torch import nn
 class GatedAttention(nn.Module):
     """One-head attention, queries layer-normed, keys/values from the raw second input.
 
-    ``form='seed'`` reproduces the reference: each value row is scaled by the sum
+    ``form='reference'`` reproduces the reference: each value row is scaled by the sum
     of its attention column, ``out_j = v_j * sum_i P_ij``. ``form='standard'`` is
     the usual ``P @ V``.
     """
 
-    def __init__(self, dim: int, form: str = "seed", scale_dim: int = 64):
+    def __init__(self, dim: int, form: str = "reference", scale_dim: int = 64):
         super().__init__()
         self.form = form
         self.scale = scale_dim ** -0.5  # the reference scales by a 64-wide head's factor
@@ -42,7 +42,7 @@ class GatedAttention(nn.Module):
         k, v = self.to_kv(context).chunk(2, dim=-1)
         scores = q @ k.transpose(-2, -1)  # [..., N_q, N_kv]
         attn = (scores - scores.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
-        if self.form == "seed":
+        if self.form == "reference":
             out = v * attn.sum(dim=-2).unsqueeze(-1)
         else:
             out = attn @ v
@@ -60,7 +60,7 @@ def _text_mlp(dim: int, dropout: float) -> nn.Sequential:
 
 
 class CrossModalityAttention(nn.Module):
-    def __init__(self, vis_dim: int = 1024, dim: int = 512, dropout: float = 0.1, form: str = "seed"):
+    def __init__(self, vis_dim: int = 1024, dim: int = 512, dropout: float = 0.1, form: str = "reference"):
         super().__init__()
         self.in_proj = nn.Linear(vis_dim, dim, bias=False)
         self.self_attn = GatedAttention(dim, form)

@@ -11,13 +11,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def pytest_configure(config):
-    from reference_weights import PARITY
-    if not os.path.isdir(PARITY):
-        raise pytest.UsageError(f"the reference's parity fixtures are missing: expected the workspace's "
-                                f"shared/parity folder at {PARITY} (the checkout's sibling, as CI lays it out)")
-
-
 @pytest.fixture
 def tiny_overrides():
     """A model small enough to train in seconds on a CPU; the config keys of the real one."""

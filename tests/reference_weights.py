@@ -1,4 +1,8 @@
-"""Rebuild the parity weights by the naming rule of shared/parity/README.md."""
+"""The reference's recorded outputs (tests/fixtures) and the weights they were recorded with.
+
+No weights are stored: every floating-point tensor is rebuilt from its key in the reference's
+naming (``tensor_for``), so the recorded outputs can be reproduced from the key lists alone.
+"""
 from __future__ import annotations
 
 import math
@@ -7,13 +11,12 @@ import zlib
 
 import torch
 
-# The reference's parity numbers live in the workspace's shared/ folder, beside the checkout (as CI lays it out).
-PARITY = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "parity"))
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 def read_keys(tsv: str) -> list[tuple[str, str, list[int]]]:
     rows = []
-    with open(os.path.join(PARITY, tsv)) as f:
+    with open(os.path.join(FIXTURES, tsv)) as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
@@ -33,7 +36,7 @@ def tensor_for(key: str, shape: list[int], salt: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=g) * math.sqrt(1 / math.prod(shape[1:]))
 
 
-def reference_state_dict(tsv: str = "seed_checkpoint_keys.tsv", drop_prefix: str | None = None,
+def reference_state_dict(tsv: str = "reference_checkpoint_keys.tsv", drop_prefix: str | None = None,
                          salt: int = 0) -> dict[str, torch.Tensor]:
     """Every key of ``tsv`` (minus those starting with ``drop_prefix``) with its rebuilt tensor."""
     out = {}
@@ -45,7 +48,7 @@ def reference_state_dict(tsv: str = "seed_checkpoint_keys.tsv", drop_prefix: str
 
 
 def reference_cases() -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(PARITY, "seed_reference.pt"), weights_only=True)
+    return torch.load(os.path.join(FIXTURES, "reference_outputs.pt"), weights_only=True)
 
 
 def reference_images(salt: int = 0) -> torch.Tensor:

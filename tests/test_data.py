@@ -1,4 +1,4 @@
-"""The data pipeline against the reference's output (shared/parity/data) and on bad data."""
+"""The data pipeline against the reference's output (tests/fixtures/data) and on bad data."""
 import json
 import os
 
@@ -11,10 +11,10 @@ import torch.distributed as dist
 from datasets import (DataError, EpochSampler, RefDataset, ShardSampler, box_to_yolo, build_loader, letterbox_geometry,
                       letterbox_image, letterbox_to_original, original_to_letterbox, select_expressions,
                       tokenize)
-from reference_weights import PARITY
+from reference_weights import FIXTURES as ALL_FIXTURES
 from utils.config import load_config
 
-FIXTURES = os.path.join(PARITY, "data")
+FIXTURES = os.path.join(ALL_FIXTURES, "data")
 with open(os.path.join(FIXTURES, "expected.json")) as _f:
     EXPECTED = json.load(_f)
 with open(os.path.join(FIXTURES, "anns.json")) as _f:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import CheckpointMismatchError, build_model, load_pretrained_backbone, load_seed_state_dict
+from models import CheckpointMismatchError, build_model, load_pretrained_backbone, load_reference_state_dict
 from models.checkpoint import (detector_weight_file_state_dict, reference_state_dict as ours_as_reference,
                                to_ours, to_reference)
 from models.head import rec_loss
@@ -15,7 +15,7 @@ def _keys(tsv):
     return [key for key, _, _ in read_keys(tsv)]
 
 
-@pytest.mark.parametrize("tsv,module", [("seed_checkpoint_keys.tsv", None),
+@pytest.mark.parametrize("tsv,module", [("reference_checkpoint_keys.tsv", None),
                                         ("yolov3_checkpoint_keys.tsv", "visual_encoder")])
 def test_name_mapping_round_trips(tsv, module):
     keys = _keys(tsv)
@@ -25,10 +25,10 @@ def test_name_mapping_round_trips(tsv, module):
     assert not any("module_list" in k or "process_model" in k for k in ours)
 
 
-def test_seed_checkpoint_keys_load_exactly():
+def test_reference_checkpoint_keys_load_exactly():
     model = build_model(load_config("config/refcoco.yaml"), None, 64)
     state = reference_state_dict()
-    load_seed_state_dict(model, {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}})
+    load_reference_state_dict(model, {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}})
     ours = ours_as_reference(model)
     assert set(ours) == set(state)
     for key in ("process_model.inpu.weight", "visual_encoder.module_list.19.guide_wh.bias"):
@@ -37,7 +37,7 @@ def test_seed_checkpoint_keys_load_exactly():
 
 def test_refclip_keys_load_into_refclip_config():
     model = build_model(load_config("config/refclip.yaml"), None, 64)
-    load_seed_state_dict(model, reference_state_dict(drop_prefix="process_model."))
+    load_reference_state_dict(model, reference_state_dict(drop_prefix="process_model."))
     assert model.cma is None
 
 
@@ -47,11 +47,11 @@ def test_missing_unexpected_and_misshaped_keys_are_listed():
     del state["linear_ts.bias"]
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointMismatchError) as err:
-        load_seed_state_dict(model, state)
+        load_reference_state_dict(model, state)
     assert "expr_proj.bias" in str(err.value) and "extra.weight" in str(err.value)
     other_vocab = build_model(load_config("config/refcoco.yaml"), None, 80)
     with pytest.raises(CheckpointMismatchError, match=r"language_encoder.embedding.weight: \(64, 300\)"):
-        load_seed_state_dict(other_vocab, reference_state_dict())
+        load_reference_state_dict(other_vocab, reference_state_dict())
 
 
 def test_pretrained_backbone_file(tmp_path):
@@ -129,19 +129,19 @@ def test_loss_parts_follow_the_weights(tiny_overrides):
 
 
 def test_attention_forms_differ_only_by_the_switch(tiny_overrides):
-    _, seed = _tiny(tiny_overrides)
+    _, reference = _tiny(tiny_overrides)
     _, standard = _tiny(tiny_overrides, "CMA_ATTENTION=standard")
-    standard.load_state_dict(seed.state_dict())
+    standard.load_state_dict(reference.state_dict())
     for gate in ("self_attn_gate", "cross_attn_gate"):
-        getattr(seed.cma, gate).data.fill_(0.5)
+        getattr(reference.cma, gate).data.fill_(0.5)
         getattr(standard.cma, gate).data.fill_(0.5)
-    seed.eval(), standard.eval()
+    reference.eval(), standard.eval()
     x, t = torch.randn(2, 128, 4, 4), torch.randn(2, 64)
     with torch.no_grad():
-        assert not torch.allclose(seed.cma(x, t), standard.cma(x, t))
-        seed.cma.self_attn_gate.data.zero_(), seed.cma.cross_attn_gate.data.zero_()
+        assert not torch.allclose(reference.cma(x, t), standard.cma(x, t))
+        reference.cma.self_attn_gate.data.zero_(), reference.cma.cross_attn_gate.data.zero_()
         standard.cma.self_attn_gate.data.zero_(), standard.cma.cross_attn_gate.data.zero_()
-        torch.testing.assert_close(seed.cma(x, t), standard.cma(x, t))
+        torch.testing.assert_close(reference.cma(x, t), standard.cma(x, t))
 
 
 def test_pairwise_conditioning_scores_each_image_as_its_text_sees_it(tiny_overrides):

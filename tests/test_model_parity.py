@@ -1,14 +1,14 @@
-"""The model against the reference's own numbers (shared/parity/README.md)."""
+"""The model against the reference's own recorded outputs (tests/fixtures/README.md)."""
 import pytest
 import torch
 
-from models import build_model, load_seed_state_dict
+from models import build_model, load_reference_state_dict
 from models.checkpoint import to_ours
 from models.head import rec_loss
 from reference_weights import reference_cases, reference_images, reference_state_dict
 from utils.config import load_config
 
-VARIANTS = {"seed": ("config/refcoco.yaml", None), "refclip": ("config/refclip.yaml", "process_model.")}
+VARIANTS = {"accv": ("config/refcoco.yaml", None), "refclip": ("config/refclip.yaml", "process_model.")}
 VOCAB = 64
 
 
@@ -21,7 +21,7 @@ def _model(variant):
     path, drop = VARIANTS[variant]
     cfg = load_config(path, ["DROPOUT_R=0.0"])
     model = build_model(cfg, None, VOCAB)
-    load_seed_state_dict(model, reference_state_dict(drop_prefix=drop))
+    load_reference_state_dict(model, reference_state_dict(drop_prefix=drop))
     return cfg, model
 
 
@@ -45,7 +45,7 @@ def test_head_loss_and_gradients(cases, variant, batch):
     torch.testing.assert_close(vis.grad, cases[f"{prefix}/grad_vis"], **tol)
     if f"{prefix}/grad_lan" in cases:
         torch.testing.assert_close(lan.grad, cases[f"{prefix}/grad_lan"], **tol)
-    if variant == "seed":
+    if variant == "accv":
         for part in ("ce", "fns", "er"):
             torch.testing.assert_close(out[part], cases[f"{prefix}/loss/{part}"], **tol)
         ce_fns = rec_loss(vis, lan, 1.0, 0.0)["loss"]
@@ -55,20 +55,20 @@ def test_head_loss_and_gradients(cases, variant, batch):
 
 
 def test_cross_modality_attention(cases):
-    _, model = _model("seed")
+    _, model = _model("accv")
     model.eval()
     with torch.no_grad():
-        out = model.cma(cases["seed/cma/x"], cases["seed/cma/y"])
-    torch.testing.assert_close(out, cases["seed/cma/out"], atol=1e-5, rtol=1e-4)
+        out = model.cma(cases["accv/cma/x"], cases["accv/cma/y"])
+    torch.testing.assert_close(out, cases["accv/cma/out"], atol=1e-5, rtol=1e-4)
 
 
 def test_language_encoder(cases):
-    _, model = _model("seed")
+    _, model = _model("accv")
     model.eval()
     with torch.no_grad():
-        flat, feat = model.language_encoder(cases["seed/lang/tokens"])
-    torch.testing.assert_close(flat, cases["seed/lang/flat"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(feat, cases["seed/lang/feat"], atol=1e-5, rtol=1e-4)
+        flat, feat = model.language_encoder(cases["accv/lang/tokens"])
+    torch.testing.assert_close(flat, cases["accv/lang/flat"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feat, cases["accv/lang/feat"], atol=1e-5, rtol=1e-4)
 
 
 def test_whole_network_eval_boxes(cases, variant_model):
@@ -103,10 +103,10 @@ def test_whole_network_train_loss_and_moving_buffers(cases, variant_model):
 def test_frozen_backbone_batchnorm_switch(cases):
     cfg = load_config("config/refcoco.yaml", ["DROPOUT_R=0.0", "FREEZE_BACKBONE_BN=true"])
     model = build_model(cfg, None, VOCAB)
-    load_seed_state_dict(model, reference_state_dict())
+    load_reference_state_dict(model, reference_state_dict())
     key = "visual_encoder.layers.0.bn.running_mean"
     before = model.state_dict()[key].clone()
     model.train()
     assert not model.visual_encoder.training and model.fusion.training
-    model(reference_images(), cases["seed/net_b2_s416/refs"])
+    model(reference_images(), cases["accv/net_b2_s416/refs"])
     torch.testing.assert_close(model.state_dict()[key], before, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""REFER layout -> annotation file, against what SimREC's data_process.py wrote (shared/parity/refer)."""
+"""REFER layout -> annotation file, against what SimREC's data_process.py wrote (tests/fixtures/refer)."""
 import json
 import os
 import pickle
@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from datasets.prepare_refer import category_index, convert, main
-from reference_weights import PARITY
+from reference_weights import FIXTURES as ALL_FIXTURES
 
-FIXTURES = os.path.join(PARITY, "refer")
+FIXTURES = os.path.join(ALL_FIXTURES, "refer")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -9,7 +9,7 @@ import pretrain
 from datasets import load_annotations
 from datasets.synthetic import generate
 from models import build_model, load_pretrained_backbone
-from reference_weights import PARITY
+from reference_weights import FIXTURES
 from utils.config import load_config
 
 
@@ -60,7 +60,7 @@ def test_weight_file_has_the_reference_keys_and_loads_as_pretrain_weight(data, t
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["mAP@0.5"] <= 1.0 and metrics["step"] == 2  # 9 images, batches of 4
 
-    with open(os.path.join(PARITY, "yolov3_checkpoint_keys.tsv")) as f:
+    with open(os.path.join(FIXTURES, "yolov3_checkpoint_keys.tsv")) as f:
         expected = [line.split("\t")[0] for line in f if line.strip() and not line.startswith("#")]
     weights = torch.load(tmp_path / "yolov3.pth", weights_only=True)
     assert sorted(weights) == sorted(expected)

@@ -133,7 +133,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "DROPOUT_R": (0.1, "every dropout rate of the model"),
         "SELECT_NUM": (17, "anchors (grid cells) kept per image"),
         "USE_CMA": (True, "cross-modality attention block (False: RefCLIP's linear projection)"),
-        "CMA_ATTENTION": ("seed", "'seed': the reference's column-sum attention; 'standard': softmax(QK)V"),
+        "CMA_ATTENTION": ("reference", "'reference': the reference's column-sum attention; 'standard': softmax(QK)V"),
         "CMA_CONDITION": ("own", "which expression the CMA conditions an image's anchors on in training. "
                           "'own' (the reference): the image's own, then they are scored against every "
                           "expression of the batch, so negatives carry other expressions and the loss can "
@@ -243,7 +243,7 @@ def _check(key: str, value: Any) -> Any:
 
 
 # Keys that take one of a few words.
-_CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("seed", "standard"),
+_CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine")}
 
 

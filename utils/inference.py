@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models import REC, CheckpointMismatchError, build_model, load_seed_state_dict
+from models import REC, CheckpointMismatchError, build_model, load_reference_state_dict
 from models.checkpoint import load_matching
 from .checkpoint import FORMAT, load_checkpoint
 from .config import Config, config_from_dict
@@ -22,7 +22,7 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
 
     This project's checkpoints carry their vocabulary, which must equal ``vocab`` (the token ids
     the data will be encoded with). Reference checkpoints (``{epoch, state_dict, ...}`` in the
-    reference's naming) are mapped by :func:`models.load_seed_state_dict`."""
+    reference's naming) are mapped by :func:`models.load_reference_state_dict`."""
     ckpt = load_checkpoint(path, "evaluation weights")
     model = build_model(cfg, None, len(vocab))
     if ckpt.get("format") == FORMAT:
@@ -32,5 +32,5 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
                                "the annotation file it was trained on")
         load_matching(model, ckpt["state_dict"], path)
     else:
-        load_seed_state_dict(model, ckpt)
+        load_reference_state_dict(model, ckpt)
     return model.to(device).eval()
