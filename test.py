@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import RefDataset, build_loader, load_annotations
+from datasets import RefDataset, build_loader, clip_to_image, load_annotations
 from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.config import Config, load_config
@@ -80,12 +80,14 @@ class FirstExpression(Dataset):
 
 
 def predict_all(model, dataset: RefDataset, cfg: Config, device: torch.device) -> np.ndarray:
-    """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels) from each entry's first expression."""
+    """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels, clipped to the image) from each
+    entry's first expression."""
     loader = DataLoader(FirstExpression(dataset), batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
     boxes = np.zeros((len(dataset), 4))
     for batch in tqdm(loader, desc="predicting", disable=not dist_utils.is_main(), leave=False):
         batch = to_device(batch, device, cfg.CHANNELS_LAST)
-        boxes[batch["index"].cpu().numpy()] = predict(model, batch, cfg.AMP, device).cpu().numpy()
+        pred = clip_to_image(predict(model, batch, cfg.AMP, device), batch["info"])
+        boxes[batch["index"].cpu().numpy()] = pred.cpu().numpy()
     return boxes
 
 

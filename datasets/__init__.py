@@ -1,6 +1,6 @@
 """Data pipeline: annotation files and images to the tensors the model takes."""
 from .annotations import DataError, image_file_name, load_annotations
-from .letterbox import box_to_yolo, letterbox_geometry, letterbox_image, letterbox_to_original, original_to_letterbox
+from .letterbox import box_to_yolo, clip_to_image, letterbox_geometry, letterbox_image, letterbox_to_original, original_to_letterbox
 from .loader import EpochSampler, ShardSampler, build_loader
 from .refer_dataset import RefDataset
 from .tokens import PAD, UNK, CLS, SPECIAL_TOKENS, build_vocab, encode, select_expressions, tokenize
@@ -8,6 +8,7 @@ from .word_vectors import load_word_vectors
 
 __all__ = [
     "CLS", "DataError", "EpochSampler", "PAD", "RefDataset", "SPECIAL_TOKENS", "ShardSampler", "UNK", "box_to_yolo",
+    "clip_to_image",
     "build_loader", "build_vocab", "encode", "image_file_name", "letterbox_geometry", "letterbox_image",
     "letterbox_to_original", "load_annotations", "load_word_vectors", "original_to_letterbox",
     "select_expressions", "tokenize",

@@ -88,6 +88,15 @@ def letterbox_to_original(boxes_xyxy: torch.Tensor, info: torch.Tensor) -> torch
     return torch.stack([x1, y1, x1 + box_w, y1 + box_h], dim=1).to(boxes_xyxy.dtype)
 
 
+def clip_to_image(boxes_xyxy: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """``[B, 4]`` x1, y1, x2, y2 in original pixels clipped to each image (``info`` rows start with
+    h, w). For boxes given to users and pseudo-labels; evaluation keeps the reference's unclipped boxes."""
+    h = info[:, 0].to(boxes_xyxy.dtype)
+    w = info[:, 1].to(boxes_xyxy.dtype)
+    upper = torch.stack([w, h, w, h], dim=1)
+    return torch.minimum(boxes_xyxy.clamp(min=0), upper)
+
+
 def original_to_letterbox(boxes_xyxy: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
     """``[B, 4]`` x1, y1, x2, y2 in original pixels -> letterboxed pixels; inverse of ``letterbox_to_original``."""
     b, h, w, nh, nw, dx, dy = _prepare(boxes_xyxy, info)

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .annotations import DataError, describe_entry, image_file_name, load_annotations, select_splits
 from .letterbox import box_to_yolo, letterbox_image
-from .tokens import build_vocab, encode, encode_many, select_expressions
+from .tokens import build_vocab, encode, encode_many, select_expressions, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,24 @@ class RefDataset(Dataset):
                             f"IMAGE_PATH['{self.dataset_name}'], or set SKIP_BAD_IMAGES: True to skip them")
         # (entry, image path) of each entry left out under SKIP_BAD_IMAGES.
         self.skipped = missing
+        self._warn_wordless_expressions()
         if missing:
             log.warning("split '%s' of %s: skipped %d of %d entries whose image is missing (first: %s, %s)",
                         split, self.ann_path, len(missing), len(selected), *missing[0])
         log.info("split '%s' of %s: %d samples, vocabulary of %d tokens, longest expression %d words "
                  "(MAX_TOKEN %d)", split, self.ann_path, len(self.entries), len(self.vocab),
                  self.max_token_seen, self.max_token)
+
+    def _warn_wordless_expressions(self) -> None:
+        """Name the expressions with no words (empty, or punctuation only). They stay in the data, as
+        in the reference, and encode to padding only: the model sees nothing to ground."""
+        wordless = [(name, i) for name, entry in zip(self.entry_names, self.entries)
+                    for i, text in enumerate(entry["refs"]) if not tokenize(text)]
+        if wordless:
+            name, i = wordless[0]
+            log.warning("split '%s' of %s: %d expression(s) have no words (first: expression %d of %s); "
+                        "they encode to padding only: fix or remove them in the annotation file",
+                        self.split, self.ann_path, len(wordless), i, name)
 
     def __len__(self) -> int:
         return len(self.entries)

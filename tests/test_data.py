@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from datasets import (DataError, EpochSampler, RefDataset, ShardSampler, box_to_yolo, build_loader, letterbox_geometry,
-                      letterbox_image, letterbox_to_original, original_to_letterbox, select_expressions,
-                      tokenize)
+from datasets import (DataError, EpochSampler, RefDataset, ShardSampler, box_to_yolo, build_loader, clip_to_image,
+                      letterbox_geometry, letterbox_image, letterbox_to_original, original_to_letterbox,
+                      select_expressions, tokenize)
 from reference_weights import FIXTURES as ALL_FIXTURES
 from utils.config import load_config
 
@@ -127,6 +127,19 @@ def test_empty_long_and_unknown_expressions(fixture_datasets):
     long = dataset.encode("dog " * 40)
     assert long.shape == (15,) and (long == dataset.vocab.index("dog")).all()
     assert dataset.encode("dog zzzunseen").tolist()[:3] == [dataset.vocab.index("dog"), 1, 0]
+
+
+def test_wordless_expressions_are_reported_by_entry(tmp_path, caplog):
+    splits = {"train": [entry(1, ["a red dog"]), entry(2, ["blue cat", "  ", "?!"])]}
+    cfg = synthetic_config(tmp_path, splits, {1: (20, 30), 2: (20, 30)})
+    with caplog.at_level("WARNING"):
+        RefDataset(cfg, "train")
+    assert "2 expression(s) have no words (first: expression 1 of entry train[1] (iid 2))" in caplog.text
+    caplog.clear()
+    clean = {"train": [entry(1, ["a red dog"]), entry(2, ["blue cat"])]}
+    with caplog.at_level("WARNING"):
+        RefDataset(synthetic_config(tmp_path, clean, {1: (20, 30), 2: (20, 30)}), "train")
+    assert "no words" not in caplog.text
 
 
 @pytest.mark.parametrize("count,num_refs", [(1, 3), (2, 3), (3, 3), (5, 3), (4, 1), (2, 5)])
@@ -290,6 +303,15 @@ def test_box_round_trip_is_exact():
     assert (back - boxes).abs().max().item() < 1e-4
     float_back = letterbox_to_original(original_to_letterbox(boxes.float(), info), info)
     assert float_back.dtype == torch.float32 and (float_back.double() - boxes).abs().max().item() < 1e-2
+
+
+def test_boxes_are_clipped_to_their_own_image():
+    info = torch.tensor([[20, 30, 0, 0, 0, 0, 1], [50, 10, 0, 0, 0, 0, 2]])  # (h, w, ...)
+    boxes = torch.tensor([[-5.0, 2.0, 40.0, 25.0], [3.0, -1.0, 8.0, 60.0]])
+    clipped = clip_to_image(boxes, info)
+    assert clipped.tolist() == [[0.0, 2.0, 30.0, 20.0], [3.0, 0.0, 8.0, 50.0]]
+    inside = torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 3.0, 9.0, 40.0]])
+    assert torch.equal(clip_to_image(inside, info), inside)
 
 
 def test_forward_mapping_agrees_with_yolo_box():

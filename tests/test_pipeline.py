@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import pytest
 import torch
 
@@ -74,6 +75,10 @@ def test_train_evaluate_resume_visualize_export_predict(tiny):
     assert len(pseudo["train"]) == len(data["train"]) and pseudo["val"] == data["val"]
     assert [e["refs"] for e in pseudo["train"]] == [e["refs"] for e in data["train"]]
     assert pseudo["train"][0]["bbox"] != data["train"][0]["bbox"]
+    for entry in pseudo["train"]:  # pseudo-labels lie inside their image
+        h, w = cv2.imread(os.path.join(images, f"{entry['iid']}.jpg")).shape[:2]
+        x, y, bw, bh = entry["bbox"]
+        assert 0 <= x and 0 <= y and bw >= 0 and bh >= 0 and x + bw <= w + 1e-6 and y + bh <= h + 1e-6
 
     run("train.py", "--config", "config/refcoco.yaml", "--resume", str(logs / "last.pth"), *args, "EPOCHS=3")
     assert weights(logs / "last.pth")["epoch"] == 3
