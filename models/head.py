@@ -1,4 +1,4 @@
-"""Anchor-text matching: the training losses and the box prediction.
+"""Anchor-text matching: the training losses and the candidate boxes.
 
 Shapes: B samples, K selected anchors, E expressions per sample, D embedding width.
 Similarities are plain dot products (no normalisation, no temperature).
@@ -89,22 +89,18 @@ def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1
     return {"loss": loss.mean(), **parts}
 
 
-def predict_boxes(anchors: torch.Tensor, text: torch.Tensor, anchor_boxes: torch.Tensor) -> torch.Tensor:
-    """The box of the anchor that best matches the expression.
-
-    anchors ``[B,K,D]``, text ``[B,D]``, anchor_boxes ``[B,K,4,5+C]`` (cx, cy, w, h, objectness, ...);
-    the best cell's most confident box -> ``[B,1,5]`` (x1, y1, x2, y2, objectness).
-    """
-    best_cell = torch.einsum("bkd,bd->bk", anchors, text).argmax(dim=1)
-    return cell_box(anchor_boxes, best_cell)
+def cell_boxes(anchor_boxes: torch.Tensor) -> torch.Tensor:
+    """The most confident of each cell's 4 boxes: anchor_boxes ``[B,K,4,5+C]`` (cx, cy, w, h,
+    objectness, ...) -> ``[B,K,5]`` (x1, y1, x2, y2, objectness)."""
+    best = anchor_boxes[..., 4].argmax(dim=-1)  # [B, K]
+    box = torch.take_along_dim(anchor_boxes, best[..., None, None], dim=2)[:, :, 0]  # [B, K, 5+C]
+    x1 = box[..., 0] - box[..., 2] / 2
+    y1 = box[..., 1] - box[..., 3] / 2
+    return torch.stack([x1, y1, x1 + box[..., 2], y1 + box[..., 3], box[..., 4]], dim=-1)
 
 
 def cell_box(anchor_boxes: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     """The most confident of the 4 boxes of ``cell`` ``[B]`` (an index into K) as ``[B,1,5]``
     (x1, y1, x2, y2, objectness)."""
     rows = torch.arange(anchor_boxes.shape[0], device=anchor_boxes.device)
-    cell_boxes = anchor_boxes[rows, cell]  # [B, 4, 5+C]
-    box = cell_boxes[rows, cell_boxes[..., 4].argmax(dim=1)]  # [B, 5+C]
-    x1 = box[:, 0] - box[:, 2] / 2
-    y1 = box[:, 1] - box[:, 3] / 2
-    return torch.stack([x1, y1, x1 + box[:, 2], y1 + box[:, 3], box[:, 4]], dim=1)[:, None]
+    return cell_boxes(anchor_boxes[rows, cell][:, None])

@@ -8,7 +8,7 @@ from torch import nn
 from .cma import CrossModalityAttention
 from .detector_cache import Detections
 from .fusion import MultiScaleFusion
-from .head import predict_boxes, rec_loss
+from .head import cell_boxes, rec_loss
 from .language_encoder import LanguageEncoder
 from .visual_encoder import YOLOv3
 
@@ -18,8 +18,8 @@ class REC(nn.Module):
     :meth:`detect` gives for ``images``, skips the detector (a :class:`DetectorCache` supplies them).
 
     Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``).
-    Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels,
-    predicted from the first expression of each sample.
+    Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels, the
+    best-ranked candidate (:meth:`rank`) for the first expression of each sample.
     """
 
     def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int):
@@ -58,15 +58,33 @@ class REC(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None):
+        if not self.training:
+            similarities, candidates = self.rank(images, refs, detections)
+            best = similarities.argmax(dim=1)
+            return candidates[torch.arange(candidates.shape[0], device=best.device), best][:, None]
+        if images.shape[0] < 2:
+            raise ValueError(f"training needs at least 2 samples per batch (got {images.shape[0]}): the "
+                             "contrastive loss has no negatives otherwise; drop the last incomplete batch")
+        anchors, texts, _ = self._embed(images, refs, detections, pairwise=self.cma_pairwise)
+        return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
+
+    def rank(self, images: torch.Tensor, refs: torch.Tensor,
+             detections: Detections | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every candidate anchor scored against the first expression of each sample.
+
+        Returns the anchor-text similarities ``[B,K]`` (dot products; their softmax over K is the
+        probability of each candidate) and the candidates' boxes ``[B,K,5]`` (x1, y1, x2, y2,
+        objectness: each selected cell's most confident box) in letterboxed pixels."""
+        anchors, texts, anchor_boxes = self._embed(images, refs[:, :1], detections, pairwise=False)
+        return torch.einsum("bkd,bd->bk", anchors, texts[:, 0]), cell_boxes(anchor_boxes)
+
+    def _embed(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None,
+               pairwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Anchors ``[B,K,D]`` (``[B_text,B_image,K,D]`` when ``pairwise``), texts ``[B,E,D]`` and the
+        selected cells' boxes ``[B,K,4,5+C]``."""
         b = images.shape[0]
-        if self.training and b < 2:
-            raise ValueError(f"training needs at least 2 samples per batch (got {b}): the contrastive "
-                             "loss has no negatives otherwise; drop the last incomplete batch")
         if refs.dim() != 3 or refs.shape[0] != b:
             raise ValueError(f"refs must be [B={b}, expressions, tokens], got {tuple(refs.shape)}")
-        if not self.training:
-            refs = refs[:, :1]
-
         s32, s16, s8, boxes = detections if detections is not None else self.detect(images)
         top = self.fusion(s8, s16, s32)  # [B, C, h, w]
 
@@ -76,14 +94,10 @@ class REC(nn.Module):
         cells = self.select_cells(boxes)
         if self.cma is not None:
             # [B, K, D], or [B_text, B_image, K, D] when every image is conditioned on every expression
-            anchors = self.cma.anchors(top, pooled[:, 0], cells, pairwise=self.training and self.cma_pairwise)
+            anchors = self.cma.anchors(top, pooled[:, 0], cells, pairwise=pairwise)
         else:
             anchors = self.anchor_proj(_gather_cells(top.flatten(2).transpose(1, 2), cells))
-        texts = self.expr_proj(pooled)  # [B, E, D]
-
-        if self.training:
-            return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
-        return predict_boxes(anchors, texts[:, 0], _gather_cells(boxes, cells))
+        return anchors, self.expr_proj(pooled), _gather_cells(boxes, cells)
 
     def detect(self, images: torch.Tensor) -> Detections:
         """The detector's stride 32, 16 and 8 feature maps and its stride-32 boxes
