@@ -21,17 +21,18 @@ import os
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import RefDataset, build_loader, clip_to_image, load_annotations
+from datasets import FirstExpression, RefDataset, build_loader, clip_to_image, load_annotations
 from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.config import Config, load_config
-from utils.engine import BASELINES, evaluate, gt_xyxy, predict, text_blind_predictor, to_device
+from utils.engine import BASELINES, evaluate, predict, text_blind_predictor, to_device
 from utils.inference import model_for_evaluation
 from utils.cli import run_main
 from utils.logger import setup_logger
+from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
 log = logging.getLogger("rec")
 
@@ -44,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-json", default="", help='write {split: {"acc": %%, "n": count}} here')
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
-                        help="draw N predictions of the first split (expression, ground truth, prediction)")
+                        help="draw N predictions of the first split, sampled across its images (seeded by "
+                        "SEED), one PNG each and one contact sheet")
     parser.add_argument("--vis-dir", default="", help="folder for --visualize (default LOG_PATH/vis)")
     parser.add_argument("--export-pseudo-labels", default="", metavar="FILE",
                         help="write the annotation file with predicted boxes for TRAIN_SPLIT")
@@ -60,23 +62,6 @@ def eval_splits(cfg: Config, requested: str) -> list[str]:
     if cfg.EVAL_SPLITS:
         return list(cfg.EVAL_SPLITS)
     return [s for s in load_annotations(cfg.ann_path, cfg.DATASET) if s not in cfg.TRAIN_SPLIT.split("+")]
-
-
-class FirstExpression(Dataset):
-    """Items of ``dataset`` carrying only the entry's first expression (file order), so that what
-    is predicted does not depend on a random draw."""
-
-    def __init__(self, dataset: RefDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        item["refs"] = torch.from_numpy(self.dataset.sample_refs(index, 0)[:1])
-        item["index"] = index
-        return item
 
 
 def predict_all(model, dataset: RefDataset, cfg: Config, device: torch.device) -> np.ndarray:
@@ -111,40 +96,23 @@ def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str) ->
     return sum(len(out[s]) for s in cfg.TRAIN_SPLIT.split("+"))
 
 
-def draw(image: np.ndarray, expression: str, gt: np.ndarray, pred: np.ndarray, hit: bool) -> np.ndarray:
-    """Ground truth in green, prediction in red (or blue when correct), the expression on top."""
-    canvas = image.copy()
-    for box, color in ((gt, (0, 200, 0)), (pred, (255, 128, 0) if hit else (0, 0, 255))):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 2)
-    band = np.full((28, canvas.shape[1], 3), 255, np.uint8)
-    cv2.putText(band, expression[:80], (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([band, canvas], axis=0)
-
-
 def visualize(model, dataset: RefDataset, cfg: Config, device: torch.device, count: int, folder: str) -> list[str]:
+    """Draws ``count`` entries of ``dataset``, sampled across its images (seeded by SEED), into
+    ``folder``: one PNG each, then all of them in ``contact_sheet.png``; returns the paths."""
+    indices = sample_across_images([entry["iid"] for entry in dataset.entries], count, cfg.SEED)
+    samples = evaluate_samples(model, dataset, indices, device, cfg.AMP, cfg.BATCH_SIZE)
+    if not samples:
+        return []
     os.makedirs(folder, exist_ok=True)
-    subset = torch.utils.data.Subset(FirstExpression(dataset), range(min(count, len(dataset))))
     paths = []
-    for batch in DataLoader(subset, batch_size=min(count, cfg.BATCH_SIZE) or 1):
-        batch = to_device(batch, device, cfg.CHANNELS_LAST)
-        preds = predict(model, batch, cfg.AMP, device).cpu().numpy()
-        gts = gt_xyxy(batch["gt_box"]).cpu().numpy()
-        for index, pred, gt in zip(batch["index"].tolist(), preds, gts):
-            entry = dataset.entries[index]
-            image = cv2.imread(dataset.image_file(entry), cv2.IMREAD_COLOR)
-            iou = float(_iou(pred, gt))
-            path = os.path.join(folder, f"{dataset.split}_{index:05d}_iid{entry['iid']}.png")
-            cv2.imwrite(path, draw(image, entry["refs"][0], gt, pred, iou > 0.5))
-            paths.append(path)
+    for sample in samples:
+        iid = dataset.entries[sample.index]["iid"]
+        path = os.path.join(folder, f"{dataset.split}_{sample.index:05d}_iid{iid}.png")
+        cv2.imwrite(path, sample.draw())
+        paths.append(path)
+    paths.append(os.path.join(folder, "contact_sheet.png"))
+    cv2.imwrite(paths[-1], evaluation_sheet(samples))
     return paths
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -193,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
             if args.visualize and datasets:
                 folder = args.vis_dir or os.path.join(cfg.LOG_PATH, "vis")
                 paths = visualize(model, next(iter(datasets.values())), cfg, device, args.visualize, folder)
-                print(f"visualizations: {len(paths)} images in {folder}")
+                print(f"visualizations: {max(len(paths) - 1, 0)} drawings and their contact sheet in {folder}")
             if args.export_pseudo_labels:
                 count = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels)
                 print(f"pseudo-labels: {count} training entries written to {args.export_pseudo_labels}")

@@ -28,6 +28,7 @@ from utils.engine import NonFiniteLossError, StopRequest, evaluate, train_one_ep
 from utils.cli import run_main
 from utils.logger import setup_logger
 from utils.scheduler import build_scheduler
+from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
 log = logging.getLogger("rec")
 
@@ -137,6 +138,7 @@ def main(args: argparse.Namespace) -> int:
         train_model = torch.compile(train_model)
 
     writer = SummaryWriter(os.path.join(cfg.LOG_PATH, "tensorboard")) if is_main else None
+    vis_indices = sample_across_images([entry["iid"] for entry in val_set.entries], cfg.VIS_SAMPLES, cfg.SEED)
     stop = StopRequest()
     stop.install()
     last_path = os.path.join(cfg.LOG_PATH, "last.pth")
@@ -168,11 +170,17 @@ def main(args: argparse.Namespace) -> int:
                 log.info("stopped on request; continue with --resume %s", last_path)
                 return 130
             if (epoch + 1) % cfg.EVAL_EVERY == 0 or epoch + 1 == cfg.EPOCHS:
-                result = evaluate(ema.module if ema is not None else model, val_loader, device, cfg.AMP,
-                                  cfg.CHANNELS_LAST, detector_cache=detector_cache)
+                eval_model = ema.module if ema is not None else model
+                result = evaluate(eval_model, val_loader, device, cfg.AMP, cfg.CHANNELS_LAST,
+                                  detector_cache=detector_cache)
                 log.info("epoch %d: %s Acc@0.5 %.2f (n=%d)", epoch + 1, cfg.VAL_SPLIT, result["acc"], result["n"])
                 if writer is not None:
-                    writer.add_scalar(f"val/{cfg.VAL_SPLIT}_acc", result["acc"], epoch + 1)
+                    # At the global step, so that accuracy and losses share one axis.
+                    writer.add_scalar(f"val/{cfg.VAL_SPLIT}_acc", result["acc"], step)
+                    if vis_indices:
+                        sheet = evaluation_sheet(evaluate_samples(eval_model, val_set, vis_indices, device, cfg.AMP))
+                        writer.add_image(f"val/{cfg.VAL_SPLIT}_predictions", sheet[..., ::-1].copy(), step,
+                                         dataformats="HWC")
                 improved = result["acc"] > best_acc
                 best_acc = max(best_acc, result["acc"])
             else:

@@ -147,3 +147,20 @@ class RefDataset(Dataset):
             "gt_box": torch.from_numpy(gt_box).float(),
             "info": torch.tensor(info, dtype=torch.int64),
         }
+
+
+class FirstExpression(Dataset):
+    """Items of ``dataset`` carrying only the entry's first expression (file order), so that what
+    is predicted does not depend on a random draw; ``index`` names the entry."""
+
+    def __init__(self, dataset: RefDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        item["refs"] = torch.from_numpy(self.dataset.sample_refs(index, 0)[:1])
+        item["index"] = index
+        return item

@@ -73,6 +73,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                             "the backbone from random weights"),
         "PRINT_FREQ": (100, "steps between log lines"),
         "EVAL_EVERY": (1, "epochs between validations"),
+        "VIS_SAMPLES": (4, "validation entries (sampled across images, seeded by SEED) whose predictions are "
+                        "drawn in one contact sheet logged to TensorBoard at each validation; 0: none"),
         "CHANNELS_LAST": (False, "run convolutions in channels-last memory format (same results)"),
         "CACHE_DETECTOR": (False, "keep the frozen detector's outputs per image after its first pass and reuse "
                            "them in later epochs and evaluation passes (same results; needs VIS_FREEZE and "
