@@ -17,13 +17,16 @@ def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = 
     return config_from_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
 
 
-def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch.device) -> REC:
+def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch.device,
+                         ckpt: dict | None = None) -> REC:
     """The model of ``cfg`` with the evaluation weights of checkpoint ``path``, in eval mode.
 
     This project's checkpoints carry their vocabulary, which must equal ``vocab`` (the token ids
     the data will be encoded with). Reference checkpoints (``{epoch, state_dict, ...}`` in the
-    reference's naming) are mapped by :func:`models.load_reference_state_dict`."""
-    ckpt = load_checkpoint(path, "evaluation weights")
+    reference's naming) are mapped by :func:`models.load_reference_state_dict`. ``ckpt``: the
+    file's contents when the caller has read it already."""
+    if ckpt is None:
+        ckpt = load_checkpoint(path, "evaluation weights")
     model = build_model(cfg, None, len(vocab))
     if ckpt.get("format") == FORMAT:
         if ckpt["vocab"] != list(vocab):
