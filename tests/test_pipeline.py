@@ -9,6 +9,7 @@ import time
 import cv2
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
 
@@ -54,7 +55,12 @@ def test_train_evaluate_resume_visualize_export_predict(tiny):
     logs = root / "e2e"
     assert {"last.pth", "best.pth", "config.yaml"} <= set(os.listdir(logs))
     assert any(name.startswith("train_") and name.endswith(".log") for name in os.listdir(logs))
-    assert os.listdir(logs / "tensorboard")
+    events = EventAccumulator(str(logs / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    # Validation at the global step of each epoch's end, beside the losses; a contact sheet each time.
+    assert [e.step for e in events.Scalars("val/val_acc")] == [4, 8]
+    assert max(e.step for e in events.Scalars("train/loss")) == 8
+    assert [e.step for e in events.Images("val/val_predictions")] == [4, 8]
     last = weights(logs / "last.pth")
     assert last["epoch"] == 2 and last["step"] == 2 * 4 and last["vocab"][:3] == ["PAD", "UNK", "CLS"]
     assert "val Acc@0.5" in out.stdout
@@ -70,7 +76,8 @@ def test_train_evaluate_resume_visualize_export_predict(tiny):
     assert set(baselines) == {"random_anchor", "most_confident_anchor"}
     assert all(baselines[kind][s]["n"] == results[s]["n"] for kind in baselines for s in results)
     assert all(results[s]["n"] == len(data[s]) and 0 <= results[s]["acc"] <= 100 for s in results)
-    assert "testB" in out.stdout and len(os.listdir(root / "vis")) == 3
+    drawn = sorted(os.listdir(root / "vis"))
+    assert "testB" in out.stdout and len(drawn) == 4 and drawn[0] == "contact_sheet.png"
     pseudo = json.loads((root / "pseudo.json").read_text())
     assert len(pseudo["train"]) == len(data["train"]) and pseudo["val"] == data["val"]
     assert [e["refs"] for e in pseudo["train"]] == [e["refs"] for e in data["train"]]
@@ -84,8 +91,8 @@ def test_train_evaluate_resume_visualize_export_predict(tiny):
     assert weights(logs / "last.pth")["epoch"] == 3
 
     out = run("predict.py", "--weights", str(logs / "last.pth"), "--image", os.path.join(images, "3.jpg"),
-              "--expr", "the red square", "--out", str(root / "boxed.png"))
-    assert len(out.stdout.split("\n")[0].split()) == 5 and (root / "boxed.png").exists()
+              "--expr", "the red square", "--out-dir", str(root / "drawn"))
+    assert " box " in out.stdout and os.listdir(root / "drawn") == ["00001_3.png"]
 
 
 def _train_until(args, condition, sig):
