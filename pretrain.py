@@ -460,7 +460,7 @@ def main(args: argparse.Namespace) -> int:
             with open(os.path.join(cfg.DET_LOG_PATH, "metrics.json"), "w") as f:
                 json.dump(result, f, indent=1)
             if writer is not None:
-                writer.add_scalar("pretrain/val_mAP@0.5", result["mAP@0.5"], step)
+                writer.add_scalar("pretrain/val_mAP@0.5", 100 * result["mAP@0.5"], step)  # percent, as printed
             log.info("wrote %s (step %d, %.0f s of training)", cfg.DET_OUTPUT, step, train_seconds)
             print(f"mAP@0.5: {100 * result['mAP@0.5']:.1f}")
         dist_utils.barrier()
