@@ -30,6 +30,7 @@ import torch
 
 from datasets import DataError, encode, letterbox_image, letterbox_to_original, tokenize
 from .checkpoint import load_checkpoint
+from .config import Config
 from .distributed import local_device
 from .inference import config_from_checkpoint, model_for_evaluation
 
@@ -95,7 +96,7 @@ def vocabulary_warnings(expression: str, token_to_ix: dict[str, int], max_token:
 class Predictor:
     """A model in eval mode on ``device`` with the config and vocabulary it was trained with."""
 
-    def __init__(self, model: torch.nn.Module, cfg, vocab: Sequence[str], device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: Config, vocab: Sequence[str], device: torch.device):
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.device = device

@@ -106,7 +106,8 @@ def legend_band(width: int, entries: Sequence[tuple[tuple[int, int, int], str]] 
     return band
 
 
-def fit_image(image: np.ndarray, boxes: np.ndarray, longest: int, square: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def fit_image(image: np.ndarray, boxes: np.ndarray, longest: int,
+              square: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``image`` resized so its longest side is ``longest`` (and centred on a grey square when
     ``square``), with ``boxes`` ``[N, 4]`` x1, y1, x2, y2 mapped along."""
     h, w = image.shape[:2]
