@@ -57,7 +57,7 @@ def test_boxes_match_evaluation_and_do_not_depend_on_the_batch(predictor, traine
     dataset = RefDataset(cfg, "val")
     batch = torch.utils.data.default_collate([FirstExpression(dataset)[i] for i in range(len(dataset))])
     expected = evaluation_predict(predictor.model, batch, "none", torch.device("cpu"))
-    expected = torch.cat([clip_boxes_to_image(box[None], (h, w))
+    expected = torch.cat([clip_boxes_to_image(box[None], (h, w))  # torchvision's, per image
                           for box, (h, w) in zip(expected, batch["info"][:, :2].tolist())])
     images = [dataset.image_file(entry) for entry in dataset.entries]
     expressions = [entry["refs"][0] for entry in dataset.entries]

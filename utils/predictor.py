@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import DataError, encode, letterbox_image, letterbox_to_original, tokenize
+from datasets import DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, tokenize
 from .checkpoint import load_checkpoint
 from .config import Config
 from .distributed import local_device
@@ -166,9 +166,9 @@ class Predictor:
             boxes = self.model(pixels[inverse], refs)  # [B, 1, 5]
             scores, objectness = boxes[..., 4].float(), None
         b, k = boxes.shape[:2]
-        xyxy = letterbox_to_original(boxes[..., :4].float().flatten(0, 1), info.repeat_interleave(k, dim=0))
-        limits = info[:, [1, 0, 1, 0]].to(xyxy.dtype).repeat_interleave(k, dim=0)  # w, h, w, h
-        xyxy = xyxy.clamp(min=0).minimum(limits).view(b, k, 4).tolist()
+        info = info.repeat_interleave(k, dim=0)
+        xyxy = clip_to_image(letterbox_to_original(boxes[..., :4].float().flatten(0, 1), info), info)
+        xyxy = xyxy.view(b, k, 4).tolist()
         ranked = scores.argsort(dim=1, descending=True).tolist()
         scores = scores.tolist()
         objectness = objectness.tolist() if objectness is not None else None
