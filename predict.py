@@ -18,7 +18,8 @@ The model is loaded once (config and vocabulary from the checkpoint written by t
 "match_score" the probability of the chosen candidate among the model's K candidate anchors for
 this expression, "objectness" the detector's confidence in that box (whatever the expression),
 "unknown_words", "warnings", and with --topk N "candidates": the N best [{"box", "match_score",
-"objectness"}], best first. Words outside the vocabulary are warned about on stderr.
+"objectness"}], best first. Words outside the vocabulary are named in a warning on stderr; an
+expression none of whose words is known gets a warning that says so.
 """
 from __future__ import annotations
 

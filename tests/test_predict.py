@@ -82,8 +82,8 @@ def test_unknown_words_are_named_and_none_known_is_said():
     unknown, warnings = vocabulary_warnings("the purple square, purple!", vocab, 0)
     assert unknown == ["purple"] and len(warnings) == 1 and warnings[0].endswith("read as unknown: purple")
     unknown, warnings = vocabulary_warnings("Zebra", vocab, 4)
-    assert unknown == ["zebra"] and warnings == ["'Zebra' has no word in the model's vocabulary: the box does "
-                                                 "not depend on what it says"]
+    assert unknown == ["zebra"] and warnings == ["'Zebra' has no word in the model's vocabulary: no word of it "
+                                                 "guides the box"]
     assert "has no words" in vocabulary_warnings("?!", vocab, 4)[1][0]
     assert vocabulary_warnings("the red red red square", vocab, 4)[1] == [
         "'the red red red square': only the first 4 words are read (MAX_TOKEN); ignored: square"]

@@ -84,7 +84,7 @@ def vocabulary_warnings(expression: str, token_to_ix: dict[str, int], max_token:
     warnings = []
     if len(unknown) == len(words):
         what = "has no words" if not words else "has no word in the model's vocabulary"
-        warnings.append(f"{expression!r} {what}: the box does not depend on what it says")
+        warnings.append(f"{expression!r} {what}: no word of it guides the box")
     elif unknown:
         warnings.append(f"{expression!r}: not in the model's vocabulary, read as unknown: {', '.join(unknown)}")
     if 0 < max_token < len(words):
@@ -140,6 +140,8 @@ class Predictor:
     @torch.inference_mode()
     def _predict_batch(self, images: list[ImageInput], names: list[str], expressions: list[str],
                        topk: int) -> list[Prediction]:
+        """One forward pass: each distinct image letterboxed and detected once, every candidate
+        ranked, the boxes mapped back to each image's pixels and clipped."""
         keys = [id(im) if isinstance(im, np.ndarray) else os.fspath(im) for im in images]
         unique = {key: im for key, im in zip(keys, images)}
         squares, infos = [], []
@@ -162,20 +164,22 @@ class Predictor:
             similarities, boxes = self.model.rank(pixels[inverse], refs, detections)  # [B, K], [B, K, 5]
             scores = similarities.float().softmax(dim=1)
             objectness = boxes[..., 4].float()
+            # By similarity, first index first among ties: the candidate the eval forward's argmax picks.
+            ranked = similarities.argsort(dim=1, descending=True, stable=True).tolist()
         else:  # a supervised model: its one box and its confidence
             boxes = self.model(pixels[inverse], refs)  # [B, 1, 5]
             scores, objectness = boxes[..., 4].float(), None
+            ranked = [[0]] * boxes.shape[0]
         b, k = boxes.shape[:2]
         info = info.repeat_interleave(k, dim=0)
         xyxy = clip_to_image(letterbox_to_original(boxes[..., :4].float().flatten(0, 1), info), info)
         xyxy = xyxy.view(b, k, 4).tolist()
-        ranked = scores.argsort(dim=1, descending=True).tolist()
         scores = scores.tolist()
         objectness = objectness.tolist() if objectness is not None else None
 
         predictions = []
         for i, (name, expression) in enumerate(zip(names, expressions)):
-            candidates = [Candidate(xyxy[i][j], scores[i][j], objectness[i][j] if objectness else None)
+            candidates = [Candidate(xyxy[i][j], scores[i][j], objectness[i][j] if objectness is not None else None)
                           for j in ranked[i][:topk or 1]]
             unknown, warnings = vocabulary_warnings(expression, self.token_to_ix, self.cfg.MAX_TOKEN)
             best = candidates[0]
