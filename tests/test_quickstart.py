@@ -25,7 +25,9 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
     for split in splits:
         assert results[split]["n"] > 0 and 0 <= results[split]["acc"] <= 100
     assert (tmp_path / "yolov3_synthetic.pth").exists()
-    assert len(os.listdir(tmp_path / "logs" / "vis")) == 2
+    drawn = sorted(os.listdir(tmp_path / "logs" / "vis"))
+    assert len(drawn) == 3 and drawn[0] == "contact_sheet.png"
+    assert drawn[1].split("_iid")[1] != drawn[2].split("_iid")[1], "two drawings of one image"
     for stage in ("== data", "== detector", "== train", "== evaluate"):
         assert stage in first.stdout
 
