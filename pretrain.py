@@ -65,8 +65,8 @@ from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
 from datasets import DataError, letterbox_image, letterbox_to_original, load_annotations
-from models.checkpoint import detector_weight_file_state_dict
-from models.visual_encoder import YOLOv3
+from models.detector import YOLOv3
+from models.reference_keys import detector_weight_file_state_dict
 from utils import distributed as dist_utils
 from utils.checkpoint import load_checkpoint, restore_training_state, rng_state, save_atomic
 from utils.cli import run_main

@@ -29,7 +29,7 @@ from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.config import Config, load_config
 from utils.engine import BASELINES, evaluate, predict, text_blind_predictor, to_device
-from utils.inference import model_for_evaluation
+from utils.checkpoint import model_for_evaluation
 from utils.cli import run_main
 from utils.logger import setup_logger
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images

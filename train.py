@@ -19,9 +19,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets import RefDataset, build_loader, load_word_vectors
-from models import CheckpointMismatchError, DetectorCache, build_model, load_pretrained_backbone
+from models import DetectorCache, build_model
 from utils import distributed as dist_utils
-from utils.checkpoint import FORMAT, load_checkpoint, restore_training_state, rng_state, save_atomic
+from utils.checkpoint import (FORMAT, CheckpointMismatchError, load_checkpoint, load_pretrained_backbone,
+                              restore_training_state, rng_state, save_atomic)
 from utils.config import Config, ConfigError, load_config
 from utils.ema import ModelEMA
 from utils.engine import NonFiniteLossError, StopRequest, evaluate, train_one_epoch

@@ -8,8 +8,9 @@ import torch
 import pretrain
 from datasets import load_annotations
 from datasets.synthetic import generate
-from models import build_model, load_pretrained_backbone
+from models import build_model
 from reference_weights import FIXTURES
+from utils.checkpoint import load_pretrained_backbone
 from utils.config import load_config
 
 

@@ -19,12 +19,12 @@ from torchvision.ops import box_iou
 
 from datasets import RefDataset, build_loader, letterbox_to_original
 from datasets.synthetic import expression_kind
-from models.head import cell_box
+from models.box_prediction import cell_box
 from utils.cli import run_main
 from utils.config import load_config
 from utils.distributed import local_device
 from utils.engine import gt_xyxy, predict, to_device
-from utils.inference import model_for_evaluation
+from utils.checkpoint import model_for_evaluation
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from datasets import DataError
-from models import CheckpointMismatchError
+from .checkpoint import CheckpointMismatchError
 from .config import ConfigError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, FileNotFoundError)

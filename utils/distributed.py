@@ -5,6 +5,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def init_distributed(device: torch.device, backend: str = "auto") -> bool:
@@ -67,6 +68,17 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def cleanup() -> None:

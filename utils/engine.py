@@ -13,10 +13,11 @@ from torchvision.ops import box_iou
 
 from datasets import letterbox_to_original
 from models.detector_cache import DetectorCache
-from models.head import cell_box
+from models.box_prediction import cell_box
 
 from . import distributed as dist_utils
-from .ema import ModelEMA, unwrap_model
+from .distributed import unwrap_model
+from .ema import ModelEMA
 
 
 class NonFiniteLossError(FloatingPointError):

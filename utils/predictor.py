@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 from datasets import DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, tokenize
-from .checkpoint import load_checkpoint
+from .checkpoint import config_from_checkpoint, load_checkpoint, model_for_evaluation
 from .config import Config
 from .distributed import local_device
-from .inference import config_from_checkpoint, model_for_evaluation
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 

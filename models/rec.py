@@ -5,12 +5,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .box_prediction import cell_boxes
 from .cma import CrossModalityAttention
+from .detector import YOLOv3
 from .detector_cache import Detections
 from .fusion import MultiScaleFusion
-from .head import cell_boxes, rec_loss
 from .language_encoder import LanguageEncoder
-from .visual_encoder import YOLOv3
+from .loss import rec_loss
 
 
 class REC(nn.Module):
