@@ -157,3 +157,25 @@ def test_average_precision():
     # A duplicate of a matched box is a false positive that comes after full recall: no loss.
     assert pretrain.average_precision([(1, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(1.0)
     assert pretrain.average_precision([(1, 0.9, box + 8)], truth) == 0.0
+
+
+def test_vectorised_loss_equals_the_per_image_loop(data):
+    from models.detection_loss import detection_loss
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    train_set, _ = pretrain.build_datasets(cfg)
+    batch = pretrain.collate([train_set[i] for i in range(4)])
+    targets = batch["targets"][batch["targets"][:, 0] != 2]  # image 2 without boxes
+    model = pretrain.build_detector(cfg)
+    _, raw = model(batch["image"], decode=False)
+    for ignore_iou in (0.0, 0.3, 0.5):
+        old_raw = [(s.detach().requires_grad_(), o.detach().requires_grad_()) for s, o in raw]
+        new_raw = [(s.detach().requires_grad_(), o.detach().requires_grad_()) for s, o in raw]
+        old = pretrain.detection_loss(model, old_raw, targets, ignore_iou, 2.0)
+        new = detection_loss(model, new_raw, targets, ignore_iou, 2.0)
+        assert old.keys() == new.keys()
+        for key in old:
+            assert torch.equal(old[key], new[key]), key
+        old["loss"].backward()
+        new["loss"].backward()
+        for (s_old, o_old), (s_new, o_new) in zip(old_raw, new_raw):
+            assert torch.equal(s_old.grad, s_new.grad) and torch.equal(o_old.grad, o_new.grad)
