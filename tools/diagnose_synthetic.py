@@ -23,7 +23,7 @@ from models.box_prediction import cell_box
 from utils.cli import run_main
 from utils.config import load_config
 from utils.distributed import local_device
-from utils.engine import gt_xyxy, predict, to_device
+from utils.engine import gt_xyxy, model_boxes, to_device
 from utils.checkpoint import model_for_evaluation
 
 
@@ -45,7 +45,7 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
     for batch in build_loader(cfg, dataset, train=False):
         batch = to_device(batch, device)
         gt = gt_xyxy(batch["gt_box"])
-        correct = box_iou(predict(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
+        correct = box_iou(model_boxes(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
         candidates = model.candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
         b, k = candidates.shape[:2]
         boxes = torch.stack([cell_box(candidates, torch.full((b,), cell, device=device))[:, 0, :4]

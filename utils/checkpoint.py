@@ -16,7 +16,7 @@ from torch import nn
 from models import REC, build_model
 from models.reference_keys import to_ours
 
-from .config import Config, config_from_dict
+from .config import Config, ConfigError, changed_model_keys, config_from_checkpoint_dict, load_config
 
 FORMAT = "rec-train-v1"
 
@@ -156,6 +156,20 @@ def restore_training_state(ckpt: dict, path: str, model, ema, optimizer, schedul
     set_rng_state(ckpt["rng"])
 
 
+def prepare_run_folder(folder: str, key: str, previous: list[str], resume: str, overwrite: bool) -> None:
+    """Make ``folder`` (config key ``key``) for a run, never at the cost of another run: a fresh run
+    (no ``resume``) stops where any of ``previous`` (that run's checkpoints and outputs) exists,
+    unless ``overwrite``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{key} {folder} is a file, not a folder; set {key} to a folder path")
+    found = [path for path in previous if os.path.exists(path)]
+    if found and not resume and not overwrite:
+        raise ConfigError(f"{', '.join(found)} already exist(s) from an earlier run: continue it with --resume "
+                          f"{os.path.join(folder, 'last.pth')}, start a new one with {key}=<new folder>, or "
+                          "pass --overwrite to replace it")
+    os.makedirs(folder, exist_ok=True)
+
+
 def completed_epochs(path: str) -> int:
     """Epochs the training checkpoint ``path`` (train.py's ``last.pth``) has finished; 0 when absent."""
     if not os.path.isfile(path):
@@ -167,27 +181,44 @@ def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = 
     """The config a checkpoint of this project was trained with (plus ``overrides``)."""
     if ckpt.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
-                           "with test.py --config <the config it was trained with>")
-    return config_from_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
+                                      "with --config <the config it was trained with>")
+    return config_from_checkpoint_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
+
+
+def evaluation_config(weights: str, config: str | None, overrides: list[str]) -> Config:
+    """The config to evaluate checkpoint ``weights`` with: the YAML file ``config`` when given, else
+    the one stored in the checkpoint; ``overrides`` on top either way."""
+    if config:
+        return load_config(config, overrides)
+    return config_from_checkpoint(load_checkpoint(weights, "evaluation weights"), weights, overrides)
 
 
 def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch.device,
-                         ckpt: dict | None = None) -> REC:
+                         allow_config_change: bool = False, ckpt: dict | None = None) -> REC:
     """The model of ``cfg`` with the evaluation weights of checkpoint ``path``, in eval mode.
 
     This project's checkpoints carry their vocabulary, which must equal ``vocab`` (the token ids
-    the data will be encoded with). Reference checkpoints (``{epoch, state_dict, ...}`` in the
-    reference's naming) are mapped by :func:`load_reference_state_dict`. ``ckpt``: the file's
-    contents when the caller has read it already."""
+    the data will be encoded with), and their config, which must equal ``cfg`` in every key that
+    changes what the model computes (``MODEL_KEYS``: INPUT_SHAPE, SELECT_NUM, ...) unless
+    ``allow_config_change``; data paths may differ. Reference checkpoints (``{epoch, state_dict,
+    ...}`` in the reference's naming) are mapped by :func:`load_reference_state_dict`. ``ckpt``: the
+    file's contents when the caller has read it already."""
     if ckpt is None:
         ckpt = load_checkpoint(path, "evaluation weights")
     model = build_model(cfg, None, len(vocab))
     if ckpt.get("format") == FORMAT:
         if ckpt["vocab"] != list(vocab):
             raise CheckpointMismatchError(f"{path} was trained with a vocabulary of {len(ckpt['vocab'])} tokens that "
-                               f"differs from this annotation file's ({len(vocab)} tokens): evaluate with "
-                               "the annotation file it was trained on")
+                                          f"differs from this annotation file's ({len(vocab)} tokens): evaluate "
+                                          "with the annotation file it was trained on")
         load_matching(model, ckpt["state_dict"], path)
+        trained = config_from_checkpoint(ckpt, path)
+        changed = changed_model_keys(cfg, trained)
+        if changed and not allow_config_change:
+            differences = ", ".join(f"{key} ({cfg[key]} here, {trained[key]} in training)" for key in changed)
+            raise ConfigError(f"the config differs from the one {path} was trained with in {differences}: the "
+                              "model would not compute what it was trained to; drop these changes (without "
+                              "--config the checkpoint's own config is used), or pass --allow-config-change")
     else:
         load_reference_state_dict(model, ckpt)
     return model.to(device).eval()

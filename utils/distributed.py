@@ -61,6 +61,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj``, in rank order (``[obj]`` alone)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
     if not is_distributed():
