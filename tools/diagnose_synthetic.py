@@ -1,13 +1,14 @@
 """Where a model trained on the synthetic data goes wrong: accuracy per kind of expression, and the
 ceiling its anchors allow.
 
-    python -m tools.diagnose_synthetic --config config/synthetic.yaml --eval-weights logs/synthetic/best.pth
+    python -m tools.diagnose_synthetic --eval-weights logs/synthetic/best.pth [--config FILE] [KEY=VALUE ...]
 
 For one split (``--split``, default val) and each kind of expression (the colour, size and position
 words it uses; ``category`` for the noun alone): how many there are, the model's Acc@0.5, and the
 share whose referent is among the selected anchors at all -- the best any choice among them can
 score, each cell giving its most confident box as the model does. A model near the ceiling needs a
-better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``.
+better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``. The
+config is the checkpoint's unless ``--config`` is given, as in test.py.
 """
 from __future__ import annotations
 
@@ -20,16 +21,15 @@ from torchvision.ops import box_iou
 from datasets import RefDataset, build_loader, letterbox_to_original
 from datasets.synthetic import expression_kind
 from models.box_prediction import cell_box
+from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
-from utils.config import load_config
 from utils.distributed import local_device
 from utils.engine import gt_xyxy, model_boxes, to_device
-from utils.checkpoint import model_for_evaluation
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
     parser.add_argument("--eval-weights", required=True, help="checkpoint to diagnose")
     parser.add_argument("--split", default="val")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
@@ -63,7 +63,7 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = evaluation_config(args.eval_weights, args.config, args.overrides)
     device = local_device(args.device)
     dataset = RefDataset(cfg, args.split)
     model = model_for_evaluation(args.eval_weights, cfg, dataset.vocab, device)
