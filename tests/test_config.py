@@ -159,4 +159,7 @@ def test_a_checkpoint_config_of_the_earlier_layout_still_loads():
     earlier["TRAIN"].update(earlier.pop("DETECTOR"))  # detector keys were TRAIN keys
     earlier["MODEL"].update(VIS_ENC="darknet", LANG_ENC="lstm")
     earlier["DATA"]["MASK_PATH"] = {}
+    earlier["MODEL"]["CMA_ATTENTION"] = "seed"  # the reference's attention, under its earlier name
     assert config_from_checkpoint_dict(earlier).to_dict() == load_config("config/synthetic.yaml").to_dict()
+    with pytest.raises(ConfigError, match="CMA_ATTENTION must be"):
+        load_config("config/synthetic.yaml", ["CMA_ATTENTION=seed"])  # a config file uses the current name

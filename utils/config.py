@@ -182,6 +182,9 @@ _RETIRED = {
     "MASK_PATH": "masks are not used; delete the line",
 }
 
+# Values that earlier versions of this project stored in checkpoints under another name.
+_RENAMED_VALUES = {("CMA_ATTENTION", "seed"): "reference"}
+
 # Keys that take one of a few words.
 _CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
@@ -430,9 +433,12 @@ def config_from_dict(raw: Any, overrides: Iterable[str] | None = None, source: s
 def config_from_checkpoint_dict(raw: dict, overrides: Iterable[str] | None = None,
                                 source: str = "the checkpoint") -> Config:
     """:func:`config_from_dict` for a config stored in a checkpoint, also one written before the
-    DETECTOR section existed: keys are read from whichever section holds them, and the retired
-    keys the reference's layout carried are dropped (they never changed what was computed)."""
+    DETECTOR section existed: keys are read from whichever section holds them, the retired keys the
+    reference's layout carried are dropped (they never changed what was computed), and renamed
+    values take their current name."""
     flat = {key: value for keys in raw.values() for key, value in (keys or {}).items() if key not in _RETIRED}
+    flat = {key: _RENAMED_VALUES.get((key, value), value) if isinstance(value, str) else value
+            for key, value in flat.items()}
     sectioned: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         sectioned.setdefault(_SECTION_OF.get(key, "TRAIN"), {})[key] = value
