@@ -40,6 +40,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "referit": "./data/images/refclef",
             "synthetic": "./data/synthetic/images",
         }, "image folder per dataset"),
+        "TRAIN_ANN_PATH": ("", "annotation file whose TRAIN_SPLIT is trained on, e.g. the pseudo-labels of "
+                           "test.py --export-pseudo-labels; '' for ANN_PATH's. Validation and evaluation read "
+                           "ANN_PATH; another file must be ANN_PATH's with only the training boxes changed"),
         "MAX_TOKEN": (15, "expressions are truncated or padded to this many tokens"),
         "INPUT_SHAPE": ([416, 416], "letterboxed network input [height, width]; both must be equal"),
         "MEAN": ([0.485, 0.456, 0.406], "per-channel mean for image normalisation (RGB, in [0, 1])"),
@@ -129,6 +132,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                        "of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
     },
     "MODEL": {
+        "ARCH": ("weak", "'weak': the weakly supervised model, which ranks the detector's anchors against the "
+                 "expression and learns without boxes; 'student': the supervised one-stage model (SimREC-style, "
+                 "models/student.py) that regresses one box per expression and learns from TRAIN_ANN_PATH's boxes"),
         "ANCHORS": ([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [42, 119],
                      [116, 90], [156, 198], [121, 240]], "detector anchor priors (pixels)"),
         "ANCH_MASK": ([[6, 7, 8], [3, 4, 5], [0, 1, 2]], "anchors of the stride-32, 16 and 8 heads"),
@@ -139,7 +145,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                              "first layers keep 2-4 channels, too few to carry colour"),
         "SPP_KERNELS": ([5, 9, 13], "the detector's SPP max-pool sizes (odd; the reference's [5, 9, 13] "
                         "pool its 13x13 stride-32 grid; a reduced input's smaller grid may want smaller ones)"),
-        "VIS_FREEZE": (True, "keep the detector frozen (no gradients)"),
+        "VIS_FREEZE": (True, "keep the detector frozen (no gradients); for ARCH 'student', its trunk (false: "
+                       "trained with the rest, from PRETRAIN_WEIGHT)"),
         "FREEZE_BACKBONE_BN": (False, "keep the frozen detector's BatchNorm statistics fixed in training; "
                                "the reference lets them move (False)"),
         "WORD_EMBED_SIZE": (300, "word-vector width; must match the vectors' width"),
@@ -160,6 +167,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                           "time (B^2 conditioned copies of the anchors per step)"),
         "FNS_WEIGHT": (0.1, "weight of the false-negative suppression loss (0 disables it)"),
         "ER_WEIGHT": (0.1, "weight of the equivariant regularization loss (0 disables it)"),
+        # The student's box head (ARCH: student, models/box_head.py).
+        "BOX_HEAD_CHANNELS": (256, "student: width of the box head's convolutions (SimREC's 256)"),
+        "BOX_IOU_LOSS": ("iou", "student: box loss of the positive cells, 'iou' (1 - IoU^2, SimREC's and "
+                         "YOLOX's) or 'giou' (1 - generalised IoU, which still pulls boxes that do not overlap)"),
+        "BOX_IOU_WEIGHT": (5.0, "student: weight of the box loss (SimREC's 5; objectness weighs 1)"),
+        "BOX_L1_WEIGHT": (1.0, "student: weight of the L1 loss on the positive cells' raw regression (YOLOX "
+                          "adds it for its last epochs; 0: SimREC's default, none)"),
+        "BOX_OBJ_COST": (1.0, "student: weight of the objectness term in the assignment cost, beside 3 x the "
+                         "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)"),
+        "BOX_CENTER_RADIUS": (2.5, "student: cells whose centre lies within this many strides of the target's "
+                              "centre are candidates, beside those inside the box (SimOTA's 2.5)"),
     },
     "DISTRIBUTED": {
         "DIST_BACKEND": ("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
@@ -186,7 +204,8 @@ _RETIRED = {
 _RENAMED_VALUES = {("CMA_ATTENTION", "seed"): "reference"}
 
 # Keys that take one of a few words.
-_CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
+_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"),
+            "CMA_ATTENTION": ("reference", "standard"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
             "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
             "DIST_BACKEND": ("auto", "nccl", "gloo")}
@@ -195,15 +214,15 @@ _CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "sta
 _RANGES = {
     **{key: (1, None) for key in ("BATCH_SIZE", "EPOCHS", "PRINT_FREQ", "EVAL_EVERY", "NUM_REFS", "DET_EPOCHS",
                                   "DET_BATCH_SIZE", "DET_MAX_DETECTIONS", "CLASS_NUM", "WORD_EMBED_SIZE",
-                                  "HIDDEN_SIZE", "N_SA", "MULTI_HEAD", "FF_SIZE")},
+                                  "HIDDEN_SIZE", "N_SA", "MULTI_HEAD", "FF_SIZE", "BOX_HEAD_CHANNELS")},
     **{key: (0, None) for key in ("NUM_WORKER", "WARMUP", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "GRAD_NORM_CLIP",
                                   "DET_WARMUP", "DET_WARMUP_LR", "DET_MIN_LR", "DET_WEIGHT_DECAY",
                                   "DET_GRAD_NORM_CLIP", "DET_CLS_WEIGHT", "FNS_WEIGHT", "ER_WEIGHT",
-                                  "VIS_MIN_CHANNELS")},
+                                  "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST")},
     **{key: (0, 1) for key in ("EMA_DECAY", "DET_EMA_DECAY", "DROPOUT_R", "DET_IGNORE_IOU", "DET_SCORE_MIN",
                                "DET_NMS_IOU", "DET_AP_IOU")},
 }
-_POSITIVE = ("LR", "DET_LR", "VIS_WIDTH")
+_POSITIVE = ("LR", "DET_LR", "VIS_WIDTH", "BOX_CENTER_RADIUS")
 _OPEN_UNIT = ("DET_OBJECTNESS_PRIOR",)  # probabilities a logit is taken of: strictly between 0 and 1
 
 
@@ -260,6 +279,11 @@ class Config:
     @property
     def image_path(self) -> str:
         return _dataset_entry(self, "IMAGE_PATH")
+
+    @property
+    def train_ann_path(self) -> str:
+        """The annotation file TRAIN_SPLIT is read from: TRAIN_ANN_PATH, or ANN_PATH's entry."""
+        return self.TRAIN_ANN_PATH or self.ann_path
 
 
 def _dataset_entry(cfg: Config, key: str) -> str:

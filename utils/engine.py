@@ -79,9 +79,11 @@ def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, sc
 
 
 def rec_losses(model: nn.Module, batch: dict, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """The REC model's training forward on a prepared batch: ``'loss'`` and its parts."""
+    """The REC model's training forward on a prepared batch: ``'loss'`` and its parts. A model that
+    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``."""
+    targets = {"targets": batch["box"]} if getattr(unwrap_model(model), "supervised", False) else {}
     with autocast(device, amp):
-        return model(batch["image"], batch["refs"], batch.get("detections"))
+        return model(batch["image"], batch["refs"], batch.get("detections"), **targets)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
