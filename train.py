@@ -1,4 +1,4 @@
-"""Train the weakly supervised REC model.
+"""Train the weakly supervised REC model, or the supervised student (MODEL.ARCH).
 
     python train.py --config config/refcoco.yaml [KEY=VALUE ...] [--resume logs/refcoco/last.pth] [--overwrite]
     torchrun --nproc_per_node=8 train.py --config config/refcoco.yaml
@@ -19,7 +19,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets import RefDataset, build_loader, load_word_vectors
+from datasets import DataError, RefDataset, build_loader, check_training_file, load_word_vectors
 from models import DetectorCache, build_model
 from utils import distributed as dist_utils
 from utils.checkpoint import (FORMAT, CheckpointMismatchError, load_checkpoint, load_pretrained_backbone,
@@ -60,8 +60,13 @@ def main(args: argparse.Namespace) -> int:
         cfg.dump(os.path.join(cfg.LOG_PATH, "config.yaml"))
     log.info("device %s, %d process(es); config %s", device, dist_utils.world_size(), args.config)
 
-    train_set = RefDataset(cfg, cfg.TRAIN_SPLIT)
+    if cfg.train_ann_path != cfg.ann_path:
+        check_training_file(cfg.train_ann_path, cfg.ann_path, cfg.TRAIN_SPLIT, cfg.DATASET, cfg.image_path)
+    train_set = RefDataset(cfg, cfg.TRAIN_SPLIT, cfg.train_ann_path)
     val_set = RefDataset(cfg, cfg.VAL_SPLIT)
+    if train_set.vocab != val_set.vocab:
+        raise DataError(f"{cfg.train_ann_path} (TRAIN_ANN_PATH) and {cfg.ann_path} (ANN_PATH) give different "
+                        "vocabularies: train on a file whose expressions are ANN_PATH's")
     train_loader = build_loader(cfg, train_set, train=True, distributed=distributed)
     val_loader = build_loader(cfg, val_set, train=False, distributed=distributed)
     vocab = train_set.vocab

@@ -32,13 +32,14 @@ class RefDataset(Dataset):
     The vocabulary covers every split of the file, so all splits of one file
     share token ids. The primary expression is drawn from the key the training
     sampler passes with each index (see ``EpochSampler``), or, for a plain
-    index, from torch's random generator.
+    index, from torch's random generator. ``ann_path`` reads another annotation
+    file than ANN_PATH's (TRAIN_ANN_PATH for training).
     """
 
-    def __init__(self, cfg, split: str):
+    def __init__(self, cfg, split: str, ann_path: str | None = None):
         self.split = split
         self.dataset_name = cfg.DATASET
-        self.ann_path = cfg.ann_path
+        self.ann_path = ann_path or cfg.ann_path
         self.image_dir = cfg.image_path
         self.input_size = cfg.INPUT_SHAPE[0]
         self.num_refs = cfg.NUM_REFS
