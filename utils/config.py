@@ -360,13 +360,8 @@ def _validate(values: dict[str, Any]) -> None:
         if len(values[key]) != 3 or (key == "STD" and any(v <= 0 for v in values[key])):
             raise ConfigError(f"{key} must hold three values (R, G, B){', each positive' if key == 'STD' else ''}, "
                               f"got {values[key]}")
-    if values["SELECT_NUM"] < 2:
-        raise ConfigError(f"SELECT_NUM must be at least 2 (the loss uses the second-best anchor), "
-                          f"got {values['SELECT_NUM']}")
-    cells = (shape[0] // 32) ** 2
-    if values["SELECT_NUM"] > cells:
-        raise ConfigError(f"SELECT_NUM ({values['SELECT_NUM']}) exceeds the {cells} cells of the stride-32 grid "
-                          f"at INPUT_SHAPE {shape}; lower SELECT_NUM or raise INPUT_SHAPE")
+    if values["ARCH"] == "weak":
+        _validate_anchor_selection(values)
     kernels = values["SPP_KERNELS"]
     if len(kernels) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernels):
         raise ConfigError(f"SPP_KERNELS must be three odd positive sizes, got {kernels}")
@@ -376,6 +371,18 @@ def _validate(values: dict[str, Any]) -> None:
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")
+
+
+def _validate_anchor_selection(values: dict[str, Any]) -> None:
+    """SELECT_NUM against the stride-32 grid (the weak model ranks that many of its cells)."""
+    shape = values["INPUT_SHAPE"]
+    if values["SELECT_NUM"] < 2:
+        raise ConfigError(f"SELECT_NUM must be at least 2 (the loss uses the second-best anchor), "
+                          f"got {values['SELECT_NUM']}")
+    cells = (shape[0] // 32) ** 2
+    if values["SELECT_NUM"] > cells:
+        raise ConfigError(f"SELECT_NUM ({values['SELECT_NUM']}) exceeds the {cells} cells of the stride-32 grid "
+                          f"at INPUT_SHAPE {shape}; lower SELECT_NUM or raise INPUT_SHAPE")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
