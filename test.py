@@ -33,7 +33,7 @@ from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
-from utils.config import Config
+from utils.config import Config, ConfigError
 from utils.engine import BASELINES, evaluate, model_boxes, text_blind_predictor, to_device
 from utils.logger import setup_logger
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
@@ -144,6 +144,9 @@ def main(args: argparse.Namespace) -> int:
         datasets = {split: RefDataset(cfg, split) for split in splits}
         vocab = next(iter(datasets.values())).vocab if datasets else RefDataset(cfg, cfg.TRAIN_SPLIT).vocab
         model = model_for_evaluation(args.eval_weights, cfg, vocab, device, args.allow_config_change)
+        if args.baselines and not hasattr(model, "candidate_boxes"):
+            raise ConfigError(f"--baselines choose among the detector's anchors, and MODEL.ARCH '{cfg.ARCH}' "
+                              "ranks none: score them with the weak model's checkpoint")
         if cfg.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
 

@@ -7,12 +7,15 @@ For one split (``--split``, default val) and each kind of expression (the colour
 words it uses; ``category`` for the noun alone): how many there are, the model's Acc@0.5, and the
 share whose referent is among the selected anchors at all -- the best any choice among them can
 score, each cell giving its most confident box as the model does. A model near the ceiling needs a
-better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``. The
+better detector; one far below it, a better ranking. A student (MODEL.ARCH: student) regresses its
+box and ranks no anchors: it has no ceiling ('-'). Only for data of ``datasets.synthetic``. The
 config is the checkpoint's unless ``--config`` is given, as in test.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections import defaultdict
 
 import torch
@@ -33,33 +36,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-weights", required=True, help="checkpoint to diagnose")
     parser.add_argument("--split", default="val")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    parser.add_argument("--out-json", default="", help='also write {kind: {"n", "acc", "ceiling"}} here')
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
 
 @torch.no_grad()
 def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str, dict[str, float]]:
-    """``{kind: {"n", "acc", "ceiling"}}`` (percentages), with ``"all"`` over every expression."""
+    """``{kind: {"n", "acc", "ceiling"}}`` (percentages; ceiling None for a model without anchors),
+    with ``"all"`` over every expression."""
     counts = defaultdict(lambda: torch.zeros(3))  # samples, correct, reachable
+    ranks_anchors = hasattr(model, "candidate_boxes")
     index = 0
     for batch in build_loader(cfg, dataset, train=False):
         batch = to_device(batch, device)
         gt = gt_xyxy(batch["gt_box"])
         correct = box_iou(model_boxes(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
-        candidates = model.candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
-        b, k = candidates.shape[:2]
-        boxes = torch.stack([cell_box(candidates, torch.full((b,), cell, device=device))[:, 0, :4]
-                             for cell in range(k)], dim=1)  # [B, K, 4] letterboxed
-        boxes = letterbox_to_original(boxes.flatten(0, 1), batch["info"].repeat_interleave(k, dim=0))
-        overlap = box_iou(boxes, gt).view(b, k, b)[torch.arange(b), :, torch.arange(b)]  # [B, K]
-        reachable = (overlap > 0.5).any(dim=1)
+        b = gt.shape[0]
+        reachable = _reachable(model, batch, gt) if ranks_anchors else torch.zeros(b, dtype=torch.bool)
         for i in range(b):
             kind = expression_kind(dataset.entries[index + i]["refs"][0])
             for key in (kind, "all"):
                 counts[key] += torch.tensor([1.0, float(correct[i]), float(reachable[i])])
         index += b
-    return {kind: {"n": int(n), "acc": 100.0 * hit / n, "ceiling": 100.0 * reach / n}
+    return {kind: {"n": int(n), "acc": float(100.0 * hit / n),
+                   "ceiling": float(100.0 * reach / n) if ranks_anchors else None}
             for kind, (n, hit, reach) in sorted(counts.items(), key=lambda item: (item[0] == "all", item[0]))}
+
+
+def _reachable(model, batch: dict, gt: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether any selected cell's most confident box overlaps the referent with IoU > 0.5."""
+    candidates = model.candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
+    b, k = candidates.shape[:2]
+    boxes = torch.stack([cell_box(candidates, torch.full((b,), cell, device=gt.device))[:, 0, :4]
+                         for cell in range(k)], dim=1)  # [B, K, 4] letterboxed
+    boxes = letterbox_to_original(boxes.flatten(0, 1), batch["info"].repeat_interleave(k, dim=0))
+    overlap = box_iou(boxes, gt).view(b, k, b)[torch.arange(b), :, torch.arange(b)]  # [B, K]
+    return (overlap > 0.5).any(dim=1)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,9 +80,15 @@ def main(args: argparse.Namespace) -> int:
     device = local_device(args.device)
     dataset = RefDataset(cfg, args.split)
     model = model_for_evaluation(args.eval_weights, cfg, dataset.vocab, device)
+    rows = diagnose(model, dataset, cfg, device)
+    if args.out_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
+        with open(args.out_json, "w") as f:
+            json.dump(rows, f, indent=2)
     print(f"{'expressions':<26}{'n':>6}{'Acc@0.5':>9}{'ceiling':>9}   ({args.split})")
-    for kind, row in diagnose(model, dataset, cfg, device).items():
-        print(f"{kind:<26}{row['n']:>6}{row['acc']:>9.2f}{row['ceiling']:>9.2f}")
+    for kind, row in rows.items():
+        ceiling = "-" if row["ceiling"] is None else f"{row['ceiling']:.2f}"
+        print(f"{kind:<26}{row['n']:>6}{row['acc']:>9.2f}{ceiling:>9}")
     return 0
 
 
