@@ -11,6 +11,16 @@ Each stage reuses what an earlier run produced, unless what it was made from is 
 data, a retrained detector). The last line printed is ``results: PATH``, a JSON
 file ``{split: {"acc", "n"}, ..., "baselines": {...}}``. ``--mini`` runs a miniature (a few images
 and steps) to check the pipeline, as CI does.
+
+    python quickstart.py --student
+
+then runs RefCLIP's weakly supervised training scheme on the quickstart's weak model: exports its
+pseudo-labels (``test.py --export-pseudo-labels``), trains the supervised student
+(``config/synthetic_student.yaml``) on them and, for the upper bound, on the ground truth, evaluates
+both, and prints one table (weak model, both students, the text-blind baselines, per split) and the
+accuracy by kind of expression (``tools/diagnose_synthetic``). Its last line is ``results: PATH``,
+``{"weak": {split: {"acc", "n"}}, "student_pseudo": ..., "student_gt": ..., "baselines": ...,
+"by_kind": {model: {kind: {"n", "acc", "ceiling"}}}}``.
 """
 from __future__ import annotations
 
@@ -42,6 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mini", action="store_true", help="a miniature run that checks the pipeline")
     parser.add_argument("--visualize", type=int, default=8, help="predictions to draw")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    parser.add_argument("--student", action="store_true",
+                        help="after the quickstart: pseudo-labels, the supervised student on them and on the "
+                             "ground truth, one table")
+    parser.add_argument("--student-config", default="config/synthetic_student.yaml")
     return parser
 
 
@@ -61,10 +75,28 @@ def older(path: str, *sources: str) -> bool:
     return any(os.path.getmtime(path) < os.path.getmtime(source) for source in sources)
 
 
+def train_stage(name: str, config: str, cfg, inputs: list[str], arguments: list[str]) -> str:
+    """Train ``config`` into ``cfg.LOG_PATH`` unless a finished run newer than ``inputs`` is there,
+    resuming a current unfinished one; returns its ``best.pth``."""
+    last, best = os.path.join(cfg.LOG_PATH, "last.pth"), os.path.join(cfg.LOG_PATH, "best.pth")
+    current = os.path.isfile(last) and not older(last, *inputs)
+    finished = current and completed_epochs(last) >= cfg.EPOCHS
+    if finished and os.path.isfile(best):
+        print(f"== {name}: reusing {best}")
+    else:
+        # An unfinished current run is continued; one made from older data or weights is replaced.
+        if current:
+            resume = ["--resume", last]
+        else:
+            resume = ["--overwrite"] if os.path.exists(last) or os.path.exists(best) else []
+        stage(name, ["train.py", "--config", config, *resume, *arguments])
+    return best
+
+
 def main(args: argparse.Namespace) -> int:
     overrides = list(MINI["overrides"]) if args.mini else []
-    if args.workdir:
-        work = os.path.abspath(args.workdir)
+    work = os.path.abspath(args.workdir) if args.workdir else ""
+    if work:
         overrides += [f"ANN_PATH={{synthetic: {work}/data/anns/synthetic.json}}",
                       f"IMAGE_PATH={{synthetic: {work}/data/images}}",
                       f"PRETRAIN_WEIGHT={work}/yolov3_synthetic.pth",
@@ -77,6 +109,10 @@ def main(args: argparse.Namespace) -> int:
                       f"LOG_PATH={work}/logs"]
     cfg = load_config(args.config, overrides)
     device = ["--device", args.device] if args.device else []
+    if args.student:
+        student_paths = [f"TRAIN_ANN_PATH={work}/data/anns/synthetic_pseudo.json",
+                         f"LOG_PATH={work}/logs_student"] if work else []
+        return student(args, cfg, overrides, overrides + student_paths, device)
     data_root = os.path.dirname(os.path.dirname(cfg.ann_path))
 
     generate = ["-m", "datasets.synthetic", "--out", data_root]
@@ -95,18 +131,7 @@ def main(args: argparse.Namespace) -> int:
         overwrite = ["--overwrite"] if any(os.path.exists(path) for path in stale) else []
         stage("detector", ["pretrain.py", "--config", args.config, *overwrite, *device, *overrides])
 
-    last, best = os.path.join(cfg.LOG_PATH, "last.pth"), os.path.join(cfg.LOG_PATH, "best.pth")
-    current = os.path.isfile(last) and not older(last, manifest, cfg.PRETRAIN_WEIGHT)
-    finished = current and completed_epochs(last) >= cfg.EPOCHS
-    if finished and os.path.isfile(best):
-        print(f"== train: reusing {best}")
-    else:
-        # An unfinished current run is continued; one made from older data or weights is replaced.
-        if current:
-            resume = ["--resume", last]
-        else:
-            resume = ["--overwrite"] if os.path.exists(last) or os.path.exists(best) else []
-        stage("train", ["train.py", "--config", args.config, *resume, *device, *overrides])
+    best = train_stage("train", args.config, cfg, [manifest, cfg.PRETRAIN_WEIGHT], [*device, *overrides])
 
     results = os.path.join(cfg.LOG_PATH, "results.json")
     stage("evaluate", ["test.py", "--config", args.config, "--eval-weights", best, "--baselines",
@@ -121,6 +146,73 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {split:<8} model {scores[split]['acc']:6.2f}   baseline {best_acc:6.2f}   n={scores[split]['n']}")
     print(f"results: {results}")
     return 0
+
+
+MODELS = {"weak": "weak model", "student_pseudo": "student, pseudo-labels", "student_gt": "student, ground truth"}
+
+
+def student(args: argparse.Namespace, weak_cfg, weak_overrides: list[str], overrides: list[str],
+            device: list[str]) -> int:
+    """RefCLIP's scheme on the quickstart's weak model: its pseudo-labels, the student trained on them
+    and on the ground truth, one table."""
+    weak = os.path.join(weak_cfg.LOG_PATH, "best.pth")
+    if not os.path.isfile(weak):
+        sys.exit(f"quickstart --student: no weak model at {weak}; run python quickstart.py first")
+    cfg = load_config(args.student_config, overrides)
+    pseudo, folder = cfg.train_ann_path, cfg.LOG_PATH
+    scores_of = {name: os.path.join(folder, name, "results.json") for name in MODELS}
+    kinds_of = {name: os.path.join(folder, name, "by_kind.json") for name in MODELS}
+    if all(os.path.isfile(p) and not older(p, weak) for p in (pseudo, scores_of["weak"], kinds_of["weak"])):
+        print(f"== pseudo-labels: reusing {pseudo}")
+    else:
+        stage("pseudo-labels", ["test.py", "--config", args.config, "--eval-weights", weak, "--baselines",
+                                "--out-json", scores_of["weak"], "--export-pseudo-labels", pseudo, *device,
+                                *weak_overrides])
+        stage("diagnose weak", ["-m", "tools.diagnose_synthetic", "--config", args.config, "--eval-weights", weak,
+                                "--out-json", kinds_of["weak"], *device, *weak_overrides])
+    for name, train_file in (("student_pseudo", pseudo), ("student_gt", cfg.ann_path)):
+        run_overrides = [*overrides, f"TRAIN_ANN_PATH={train_file}", f"LOG_PATH={os.path.join(folder, name)}"]
+        run_cfg = load_config(args.student_config, run_overrides)
+        best = train_stage(f"train {name}", args.student_config, run_cfg, [train_file, run_cfg.PRETRAIN_WEIGHT],
+                           [*device, *run_overrides])
+        stage(f"evaluate {name}", ["test.py", "--config", args.student_config, "--eval-weights", best,
+                                   "--out-json", scores_of[name], *device, *run_overrides])
+        stage(f"diagnose {name}", ["-m", "tools.diagnose_synthetic", "--config", args.student_config,
+                                   "--eval-weights", best, "--out-json", kinds_of[name], *device, *run_overrides])
+
+    results = {}
+    for name in MODELS:
+        with open(scores_of[name]) as f:
+            results[name] = json.load(f)
+    results["baselines"] = results["weak"].pop("baselines")
+    results["by_kind"] = {}
+    for name in MODELS:
+        with open(kinds_of[name]) as f:
+            results["by_kind"][name] = json.load(f)
+    print(student_tables(results))
+    path = os.path.join(folder, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"results: {path}")
+    return 0
+
+
+def student_tables(results: dict) -> str:
+    """Acc@0.5 per split of the weak model, both students and the baselines; then val by kind."""
+    columns = [*MODELS, *results["baselines"]]
+    names = {**MODELS, **{kind: kind.replace("_", " ") for kind in results["baselines"]}}
+    lines = ["Acc@0.5 (%) per split:", f"  {'split':<8}" + "".join(f"{names[c]:>24}" for c in columns) + f"{'n':>6}"]
+    for split, row in results["weak"].items():
+        accs = [results[c][split]["acc"] for c in MODELS] + [b[split]["acc"] for b in results["baselines"].values()]
+        lines.append(f"  {split:<8}" + "".join(f"{acc:>24.2f}" for acc in accs) + f"{row['n']:>6}")
+    lines += ["val Acc@0.5 (%) by kind of expression (the weak model's anchor ceiling in brackets):",
+              f"  {'expressions':<20}{'n':>6}" + "".join(f"{MODELS[name]:>24}" for name in MODELS)]
+    weak_kinds = results["by_kind"]["weak"]
+    for kind, row in weak_kinds.items():
+        cells = [f"{row['acc']:.2f} ({row['ceiling']:.2f})"]
+        cells += [f"{results['by_kind'][name][kind]['acc']:.2f}" for name in list(MODELS)[1:]]
+        lines.append(f"  {kind:<20}{row['n']:>6}" + "".join(f"{cell:>24}" for cell in cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quickstart(workdir):
+def _quickstart(workdir, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "quickstart.py", "--mini", "--workdir", str(workdir), "--visualize", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "quickstart.py", "--mini", "--workdir", str(workdir), "--visualize", "2",
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
@@ -45,6 +45,25 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
     assert abs(float(acc) - results["val"]["acc"]) < 0.01
     assert float(acc) <= float(ceiling)
     assert float(ceiling) >= max(b["val"]["acc"] for b in results["baselines"].values())
+
+    # RefCLIP's scheme on the quickstart's weak model: pseudo-labels, the student on them and on the
+    # ground truth, one table and the breakdown by kind of expression.
+    scheme = _quickstart(tmp_path, "--student")
+    assert scheme.returncode == 0, scheme.stdout[-3000:] + scheme.stderr[-3000:]
+    last_line = scheme.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("results: ")
+    table = json.loads(open(last_line[len("results: "):]).read())
+    assert set(table) == {"weak", "student_pseudo", "student_gt", "baselines", "by_kind"}
+    assert table["weak"] == {split: results[split] for split in splits}
+    for name in ("student_pseudo", "student_gt"):
+        assert {split: row["n"] for split, row in table[name].items()} == {split: results[split]["n"] for split in splits}
+        assert table["by_kind"][name]["all"]["n"] == results["val"]["n"]
+        assert table["by_kind"][name]["all"]["ceiling"] is None
+        assert abs(table["by_kind"][name]["all"]["acc"] - table[name]["val"]["acc"]) < 0.01
+    pseudo = json.loads((tmp_path / "data" / "anns" / "synthetic_pseudo.json").read_text())
+    original = json.loads((tmp_path / "data" / "anns" / "synthetic.json").read_text())
+    assert [e["iid"] for e in pseudo["train"]] == [e["iid"] for e in original["train"]]
+    assert "student, pseudo-labels" in scheme.stdout and "by kind of expression" in scheme.stdout
 
     second = _quickstart(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
