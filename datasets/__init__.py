@@ -11,7 +11,6 @@ from .word_vectors import load_word_vectors
 __all__ = [
     "CLS", "DataError", "EpochSampler", "FirstExpression", "PAD", "RefDataset", "SPECIAL_TOKENS", "ShardSampler",
     "UNK", "box_to_yolo", "build_loader", "build_vocab", "check_training_file", "clip_to_image", "encode",
-    "image_file_name",
-    "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations", "load_word_vectors",
-    "normalize", "original_to_letterbox", "select_expressions", "tokenize",
+    "image_file_name", "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations",
+    "load_word_vectors", "normalize", "original_to_letterbox", "select_expressions", "tokenize",
 ]
