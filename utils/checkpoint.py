@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import REC, build_model
+from models import REC, Student, build_model
 from models.reference_keys import to_ours
 
 from .config import Config, ConfigError, changed_model_keys, config_from_checkpoint_dict, load_config
@@ -194,7 +194,7 @@ def evaluation_config(weights: str, config: str | None, overrides: list[str]) ->
 
 
 def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch.device,
-                         allow_config_change: bool = False, ckpt: dict | None = None) -> REC:
+                         allow_config_change: bool = False, ckpt: dict | None = None) -> REC | Student:
     """The model of ``cfg`` with the evaluation weights of checkpoint ``path``, in eval mode.
 
     This project's checkpoints carry their vocabulary, which must equal ``vocab`` (the token ids
