@@ -10,13 +10,12 @@ from torchvision.ops import box_iou
 from datasets import DataError, RefDataset, build_loader, check_training_file
 from models import build_model
 from models.box_head import BoxHead
-from models.checkpoint import load_matching
 from test_pipeline import overrides, run, tiny, weights  # noqa: F401  (the module-scoped dataset fixture)
 from tiny_data import make_tiny_dataset
-from train import build_optimizer
+from utils.checkpoint import load_matching
 from utils.config import ConfigError, load_config
 from utils.engine import evaluate, gt_xyxy, train_step
-from utils.scheduler import build_scheduler
+from utils.optim import Recipe, build_optimizer, build_scheduler
 
 STRIDE = 8
 
@@ -100,8 +99,9 @@ def test_student_learns_to_box_the_named_square(tmp_path, tiny_overrides):
     dataset = RefDataset(cfg, "train")
     model = build_model(cfg, None, len(dataset.vocab))
     loader = build_loader(cfg, dataset, train=True)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, len(loader), cfg)
+    recipe = Recipe.rec(cfg)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, len(loader), recipe)
     losses = []
     for epoch in range(cfg.EPOCHS):
         loader.sampler.set_epoch(epoch)

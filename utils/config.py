@@ -191,7 +191,7 @@ _SECTION_OF = {key: section for section, keys in SCHEMA.items() for key in keys}
 # evaluating a checkpoint must agree with the checkpoint's on each of them.
 MODEL_KEYS = ("INPUT_SHAPE", "MEAN", "STD", "MAX_TOKEN", "ANCHORS", "ANCH_MASK", "CLASS_NUM", "VIS_WIDTH",
               "VIS_MIN_CHANNELS", "SPP_KERNELS", "WORD_EMBED_SIZE", "HIDDEN_SIZE", "N_SA", "MULTI_HEAD",
-              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION")
+              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS")
 
 # Keys of the reference's configs that this project does not have, and what to do about them.
 _RETIRED = {
