@@ -1,4 +1,4 @@
-"""The weakly supervised REC model and its weight formats."""
+"""The weakly supervised REC model, the supervised student, and their weight formats."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +7,13 @@ from .checkpoint import (CheckpointMismatchError, load_pretrained_backbone, load
                          reference_state_dict)
 from .detector_cache import DetectorCache
 from .net import REC
+from .student import Student
 
-__all__ = ["REC", "DetectorCache", "build_model", "load_reference_state_dict", "load_pretrained_backbone",
+__all__ = ["REC", "Student", "DetectorCache", "build_model", "load_reference_state_dict", "load_pretrained_backbone",
            "reference_state_dict", "CheckpointMismatchError"]
 
 
-def build_model(cfg, pretrained_emb: np.ndarray | None, token_size: int) -> REC:
-    """The model described by ``cfg``; ``pretrained_emb`` is ``[token_size, WORD_EMBED_SIZE]``
+def build_model(cfg, pretrained_emb: np.ndarray | None, token_size: int) -> REC | Student:
+    """The model ``cfg.ARCH`` names; ``pretrained_emb`` is ``[token_size, WORD_EMBED_SIZE]``
     (used when ``USE_GLOVE``). Detector weights are loaded separately (``load_pretrained_backbone``)."""
-    return REC(cfg, pretrained_emb, token_size)
+    return (Student if cfg.ARCH == "student" else REC)(cfg, pretrained_emb, token_size)

@@ -10,13 +10,13 @@ from typing import Sequence
 
 import torch
 
-Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Detections = tuple[torch.Tensor, ...]
 
 
 class DetectorCache:
-    """Per image id, what ``REC.detect`` gives for that image: the stride 32, 16 and 8 feature maps
-    and the stride-32 head's boxes, kept where they were computed (about 130 KB per image at the
-    synthetic config's size, 5 MB at the reference's)."""
+    """Per image id, what the model's ``detect`` gives for that image (``REC``: the stride 32, 16 and
+    8 feature maps and the stride-32 head's boxes; ``Student``: the three maps), kept where they were
+    computed (about 130 KB per image at the synthetic config's size, 5 MB at the reference's)."""
 
     def __init__(self) -> None:
         self._outputs: dict[int, Detections] = {}
@@ -36,4 +36,5 @@ class DetectorCache:
             outputs = model.detect(images[list(unseen.values())])
             for n, key in enumerate(unseen):
                 self._outputs[key] = tuple(o[n].clone() for o in outputs)
-        return tuple(torch.stack([self._outputs[key][part] for key in image_ids]) for part in range(4))
+        return tuple(torch.stack([self._outputs[key][part] for key in image_ids])
+                     for part in range(len(self._outputs[image_ids[0]])))

@@ -36,6 +36,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "referit": "./data/images/refclef",
             "synthetic": "./data/synthetic/images",
         }, "image folder per dataset"),
+        "TRAIN_ANN_PATH": ("", "annotation file whose TRAIN_SPLIT is trained on, e.g. the pseudo-labels of "
+                           "test.py --export-pseudo-labels; '' for ANN_PATH's. Validation and evaluation read "
+                           "ANN_PATH; another file must be ANN_PATH's with only the training boxes changed"),
         "MASK_PATH": ({}, "accepted for compatibility with the reference's configs; masks are not used"),
         "MAX_TOKEN": (15, "expressions are truncated or padded to this many tokens"),
         "INPUT_SHAPE": ([416, 416], "letterboxed network input [height, width]; both must be equal"),
@@ -110,6 +113,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                        "to write (the keys of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
     },
     "MODEL": {
+        "ARCH": ("weak", "'weak': the weakly supervised model, which ranks the detector's anchors against the "
+                 "expression and learns without boxes; 'student': the supervised one-stage model (SimREC-style, "
+                 "models/student.py) that regresses one box per expression and learns from TRAIN_ANN_PATH's boxes"),
         "VIS_ENC": ("darknet", "visual encoder: the YOLOv3 DarkNet-53 detector ('darknet')"),
         "LANG_ENC": ("lstm", "language encoder: GRU + self-attention ('lstm', the reference's name)"),
         "ANCHORS": ([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [42, 119],
@@ -122,7 +128,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                              "first layers keep 2-4 channels, too few to carry colour"),
         "SPP_KERNELS": ([5, 9, 13], "the detector's SPP max-pool sizes (odd; the reference's [5, 9, 13] "
                         "pool its 13x13 stride-32 grid; a reduced input's smaller grid may want smaller ones)"),
-        "VIS_FREEZE": (True, "keep the detector frozen (no gradients)"),
+        "VIS_FREEZE": (True, "keep the detector frozen (no gradients); for ARCH 'student', its trunk (false: "
+                       "trained with the rest, from PRETRAIN_WEIGHT)"),
         "FREEZE_BACKBONE_BN": (False, "keep the frozen detector's BatchNorm statistics fixed in training; "
                                "the reference lets them move (False)"),
         "WORD_EMBED_SIZE": (300, "word-vector width; must match the vectors' width"),
@@ -143,6 +150,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                           "time (B^2 conditioned copies of the anchors per step)"),
         "FNS_WEIGHT": (0.1, "weight of the false-negative suppression loss (0 disables it)"),
         "ER_WEIGHT": (0.1, "weight of the equivariant regularization loss (0 disables it)"),
+        # The student's box head (ARCH: student, models/box_head.py).
+        "BOX_HEAD_CHANNELS": (256, "student: width of the box head's convolutions (SimREC's 256)"),
+        "BOX_IOU_LOSS": ("iou", "student: box loss of the positive cells, 'iou' (1 - IoU^2, SimREC's and "
+                         "YOLOX's) or 'giou' (1 - generalised IoU, which still pulls boxes that do not overlap)"),
+        "BOX_IOU_WEIGHT": (5.0, "student: weight of the box loss (SimREC's 5; objectness weighs 1)"),
+        "BOX_L1_WEIGHT": (1.0, "student: weight of the L1 loss on the positive cells' raw regression (YOLOX "
+                          "adds it for its last epochs; 0: SimREC's default, none)"),
+        "BOX_OBJ_COST": (1.0, "student: weight of the objectness term in the assignment cost, beside 3 x the "
+                         "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)"),
+        "BOX_CENTER_RADIUS": (2.5, "student: cells whose centre lies within this many strides of the target's "
+                              "centre are candidates, beside those inside the box (SimOTA's 2.5)"),
     },
     "DISTRIBUTED": {
         "DIST_BACKEND": ("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
@@ -198,6 +216,11 @@ class Config:
     def image_path(self) -> str:
         return _dataset_entry(self, "IMAGE_PATH")
 
+    @property
+    def train_ann_path(self) -> str:
+        """The annotation file TRAIN_SPLIT is read from: TRAIN_ANN_PATH, or ANN_PATH's entry."""
+        return self.TRAIN_ANN_PATH or self.ann_path
+
 
 def _dataset_entry(cfg: Config, key: str) -> str:
     paths = cfg[key]
@@ -245,7 +268,7 @@ def _check(key: str, value: Any) -> Any:
 
 
 # Keys that take one of a few words.
-_CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
+_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine")}
 
 
@@ -272,9 +295,12 @@ def _validate(values: dict[str, Any]) -> None:
     if values["CACHE_DETECTOR"] and not (values["VIS_FREEZE"] and values["FREEZE_BACKBONE_BN"]):
         raise ConfigError("CACHE_DETECTOR needs a detector whose outputs do not change: set VIS_FREEZE and "
                           "FREEZE_BACKBONE_BN to true, or CACHE_DETECTOR to false")
-    for key in ("VIS_MIN_CHANNELS", "DET_CLS_WEIGHT"):
+    for key in ("VIS_MIN_CHANNELS", "DET_CLS_WEIGHT", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST"):
         if values[key] < 0:
             raise ConfigError(f"{key} must not be negative, got {values[key]}")
+    if values["BOX_HEAD_CHANNELS"] < 1 or values["BOX_CENTER_RADIUS"] <= 0:
+        raise ConfigError(f"BOX_HEAD_CHANNELS and BOX_CENTER_RADIUS must be positive, got "
+                          f"{values['BOX_HEAD_CHANNELS']} and {values['BOX_CENTER_RADIUS']}")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")

@@ -66,9 +66,11 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                scheduler, ema: ModelEMA | None, scaler: torch.amp.GradScaler | None,
                grad_clip: float, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
     """Forward, then :func:`optimize`. Returns the loss parts as detached tensors (no host sync
-    here: the caller decides when to read them)."""
+    here: the caller decides when to read them). A model that declares ``supervised = True`` also
+    gets the boxes, ``targets=batch["box"]``."""
+    targets = {"targets": batch["box"]} if getattr(unwrap_model(model), "supervised", False) else {}
     with autocast(device, amp):
-        out = model(batch["image"], batch["refs"], batch.get("detections"))
+        out = model(batch["image"], batch["refs"], batch.get("detections"), **targets)
     optimize(out["loss"], optimizer, scheduler, scaler, grad_clip, ema, model)
     return {k: v.detach().float() for k, v in out.items()}
 
