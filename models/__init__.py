@@ -1,6 +1,8 @@
 """The weakly supervised REC model, the supervised student, and their weight formats."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from .checkpoint import (CheckpointMismatchError, load_pretrained_backbone, load_reference_state_dict,
@@ -13,7 +15,11 @@ __all__ = ["REC", "Student", "DetectorCache", "build_model", "load_reference_sta
            "reference_state_dict", "CheckpointMismatchError"]
 
 
-def build_model(cfg, pretrained_emb: np.ndarray | None, token_size: int) -> REC | Student:
+def build_model(cfg, pretrained_emb: np.ndarray | None, token_size: int,
+                vocab: Sequence[str] | None = None) -> REC | Student:
     """The model ``cfg.ARCH`` names; ``pretrained_emb`` is ``[token_size, WORD_EMBED_SIZE]``
-    (used when ``USE_GLOVE``). Detector weights are loaded separately (``load_pretrained_backbone``)."""
-    return (Student if cfg.ARCH == "student" else REC)(cfg, pretrained_emb, token_size)
+    (used when ``USE_GLOVE``); ``vocab``, the tokens by id, is needed by APL's colour and category
+    prompts. Detector weights are loaded separately (``load_pretrained_backbone``)."""
+    if cfg.ARCH == "student":
+        return Student(cfg, pretrained_emb, token_size)
+    return REC(cfg, pretrained_emb, token_size, vocab)

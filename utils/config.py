@@ -17,6 +17,19 @@ import yaml
 
 _DATASETS = ("refcoco", "refcoco+", "refcocog", "referit", "synthetic")
 
+# The 80 classes of the reference's COCO detector (yolov3_coco.pth), in its class order.
+COCO_CLASS_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+
 # section -> key -> (default, documentation). The defaults reproduce the
 # reference's config/refcoco.yaml; a dataset's YAML overrides what differs.
 SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
@@ -161,6 +174,31 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                          "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)"),
         "BOX_CENTER_RADIUS": (2.5, "student: cells whose centre lies within this many strides of the target's "
                               "centre are candidates, beside those inside the box (SimOTA's 2.5)"),
+        # APL (ECCV 2024), models/apl.py; every switch off is the model above, unchanged.
+        "DETECTOR_CLASS_NAMES": (COCO_CLASS_NAMES, "the detector's class names in its class order "
+                                 "(CLASS_NUM of them): the words of APL's category prompt. Words absent "
+                                 "from the dataset's vocabulary are UNK to the model"),
+        "APL_POSITION_PROMPT": (False, "APL position prompt: a sine embedding of each selected anchor's "
+                                "centre, fused into the anchor feature"),
+        "APL_COLOUR_PROMPT": (False, "APL colour prompt: the mean colour of each selected anchor's box as "
+                              "the nearest of APL's 13 colour words (a word absent from the vocabulary is UNK), "
+                              "a token of the anchor's tag"),
+        "APL_CATEGORY_PROMPT": (False, "APL category prompt: the name of the detector's most likely class "
+                                "of each selected anchor (DETECTOR_CLASS_NAMES), tokens of the anchor's tag. "
+                                "The tag (colour word, then class name) goes through a text encoder of "
+                                "the language encoder's shape, is fused into the anchor feature and its "
+                                "similarity to the expression is added to the anchor's score"),
+        "APL_RECON_WEIGHT": (0.0, "weight of APL's text reconstruction loss: the best anchor's embedding, "
+                             "decoded by an MLP, regresses the expression's embedding (MSE); APL: 1.0; "
+                             "0 disables it"),
+        "APL_RECON_ANCHOR": ("own", "which anchor reconstructs an expression: 'own', the best of its own "
+                             "image; 'batch_sum', ranked by its similarity summed over every image of the "
+                             "batch, as APL's code computes it"),
+        "APL_ALIGNMENT": (False, "APL visual alignment: a language-fused multi-scale neck and an "
+                          "anchor-free box head, trained on the weak model's own best-anchor boxes"),
+        "APL_ALIGN_BURN_IN": (0, "training steps before the alignment loss is added (APL's BURN_IN)"),
+        "APL_ALIGN_PREDICT": (True, "with APL_ALIGNMENT, evaluation boxes come from the alignment head, as "
+                              "in APL; false: from the anchor ranking, the head only adds its loss"),
     },
     "DISTRIBUTED": {
         "DIST_BACKEND": ("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
@@ -268,8 +306,9 @@ def _check(key: str, value: Any) -> Any:
 
 
 # Keys that take one of a few words.
-_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
-            "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine")}
+_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"),
+            "CMA_ATTENTION": ("reference", "standard"), "CMA_CONDITION": ("own", "query"),
+            "SCHEDULER": ("wcosine", "cosine"), "APL_RECON_ANCHOR": ("own", "batch_sum")}
 
 
 def _validate(values: dict[str, Any]) -> None:
@@ -301,6 +340,17 @@ def _validate(values: dict[str, Any]) -> None:
     if values["BOX_HEAD_CHANNELS"] < 1 or values["BOX_CENTER_RADIUS"] <= 0:
         raise ConfigError(f"BOX_HEAD_CHANNELS and BOX_CENTER_RADIUS must be positive, got "
                           f"{values['BOX_HEAD_CHANNELS']} and {values['BOX_CENTER_RADIUS']}")
+    for key in ("VIS_MIN_CHANNELS", "DET_CLS_WEIGHT", "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN"):
+        if values[key] < 0:
+            raise ConfigError(f"{key} must not be negative, got {values[key]}")
+    names = values["DETECTOR_CLASS_NAMES"]
+    if values["APL_CATEGORY_PROMPT"] and (len(names) != values["CLASS_NUM"]
+                                          or not all(isinstance(n, str) and n.split() for n in names)):
+        raise ConfigError(f"APL_CATEGORY_PROMPT needs DETECTOR_CLASS_NAMES to list CLASS_NUM ({values['CLASS_NUM']}) "
+                          f"non-empty class names, got {len(names)} entries")
+    if values["APL_POSITION_PROMPT"] and values["HIDDEN_SIZE"] % 2:
+        raise ConfigError(f"APL_POSITION_PROMPT needs an even HIDDEN_SIZE (half sine, half cosine), "
+                          f"got {values['HIDDEN_SIZE']}")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")
