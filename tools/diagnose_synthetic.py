@@ -2,16 +2,21 @@
 ceiling its anchors allow.
 
     python -m tools.diagnose_synthetic --config config/synthetic.yaml --eval-weights logs/synthetic/best.pth
+    python -m tools.diagnose_synthetic --eval-weights A/best.pth --eval-weights B/best.pth --names refclip,apl
 
 For one split (``--split``, default val) and each kind of expression (the colour, size and position
 words it uses; ``category`` for the noun alone): how many there are, the model's Acc@0.5, and the
 share whose referent is among the selected anchors at all -- the best any choice among them can
 score, each cell giving its most confident box as the model does. A model near the ceiling needs a
 better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``.
+
+Several checkpoints are compared side by side, each run with the config it was trained with (a
+reference checkpoint, which holds none, with ``--config``); the ceiling column is the first one's.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 
 import torch
@@ -21,16 +26,20 @@ from datasets import RefDataset, build_loader, letterbox_to_original
 from datasets.synthetic import expression_kind
 from models.head import cell_box
 from utils.cli import run_main
-from utils.config import load_config
+from utils.checkpoint import FORMAT, load_checkpoint
+from utils.config import ConfigError, load_config
 from utils.distributed import local_device
 from utils.engine import gt_xyxy, predict, to_device
-from utils.inference import model_for_evaluation
+from utils.inference import config_from_checkpoint, model_for_evaluation
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config/synthetic.yaml")
-    parser.add_argument("--eval-weights", required=True, help="checkpoint to diagnose")
+    parser.add_argument("--eval-weights", required=True, action="append",
+                        help="checkpoint to diagnose; repeat it to compare several")
+    parser.add_argument("--names", default=None, help="comma-separated column names, one per checkpoint "
+                        "(default: the checkpoints' folder names)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -63,13 +72,24 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    names = (args.names.split(",") if args.names
+             else [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.eval_weights])
+    if len(names) != len(args.eval_weights):
+        raise ConfigError(f"--names gives {len(names)} names for {len(args.eval_weights)} checkpoints")
     device = local_device(args.device)
-    dataset = RefDataset(cfg, args.split)
-    model = model_for_evaluation(args.eval_weights, cfg, dataset.vocab, device)
-    print(f"{'expressions':<26}{'n':>6}{'Acc@0.5':>9}{'ceiling':>9}   ({args.split})")
-    for kind, row in diagnose(model, dataset, cfg, device).items():
-        print(f"{kind:<26}{row['n']:>6}{row['acc']:>9.2f}{row['ceiling']:>9.2f}")
+    results = []
+    for path in args.eval_weights:
+        ckpt = load_checkpoint(path, "evaluation weights")
+        cfg = (config_from_checkpoint(ckpt, path, args.overrides) if ckpt.get("format") == FORMAT
+               else load_config(args.config, args.overrides))
+        dataset = RefDataset(cfg, args.split)
+        model = model_for_evaluation(path, cfg, dataset.vocab, device)
+        results.append(diagnose(model, dataset, cfg, device))
+    print(f"{'expressions':<26}{'n':>6}{'ceiling':>9}" + "".join(f"{name:>12}" for name in names)
+          + f"   (Acc@0.5, {args.split})")
+    for kind, row in results[0].items():
+        print(f"{kind:<26}{row['n']:>6}{row['ceiling']:>9.2f}"
+              + "".join(f"{result[kind]['acc']:>12.2f}" for result in results))
     return 0
 
 
