@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = (config_from_checkpoint(ckpt, path, args.overrides) if ckpt.get("format") == FORMAT
                else load_config(args.config, args.overrides))
         dataset = RefDataset(cfg, args.split)
-        model = model_for_evaluation(path, cfg, dataset.vocab, device)
+        model = model_for_evaluation(path, cfg, dataset.vocab, device, ckpt)
         results.append(diagnose(model, dataset, cfg, device))
     print(f"{'expressions':<26}{'n':>6}{'ceiling':>9}" + "".join(f"{name:>12}" for name in names)
           + f"   (Acc@0.5, {args.split})")
