@@ -78,7 +78,7 @@ class REC(nn.Module):
 
     def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None):
         if not self.training:
-            if self.alignment is not None and self.align_predict:
+            if not self.ranks_anchors:
                 return self.alignment.decode(self._align(self._embed(images, refs[:, :1], detections, False)))
             similarities, candidates = self.rank(images, refs, detections)
             best = similarities.argmax(dim=1)
@@ -97,6 +97,12 @@ class REC(nn.Module):
             out["loss"] = out["loss"] + gated
             out.update(parts)
         return out
+
+    @property
+    def ranks_anchors(self) -> bool:
+        """Whether the evaluation answer is the best-ranked candidate (:meth:`rank`); not when APL's
+        alignment head answers (APL_ALIGN_PREDICT)."""
+        return self.alignment is None or not self.align_predict
 
     def rank(self, images: torch.Tensor, refs: torch.Tensor,
              detections: Detections | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,6 +168,7 @@ def test_each_apl_loss_falls_on_a_tiny_dataset(tmp_path):
         first, last = history[0][part], min(h[part] for h in history[-5:])
         assert last < 0.7 * first, (part, [round(h[part], 3) for h in history])
     assert int(model.alignment.steps) == 30
+    assert not model.ranks_anchors  # the alignment head answers (predict.py reports its one box)
     model.eval()
     with torch.no_grad():
         assert model(batch["image"], batch["refs"]).shape == (8, 1, 5)
@@ -228,6 +229,7 @@ def test_alignment_in_burn_in_and_reconstruction_leave_the_refclip_terms_unchang
     refclip = build_model(base_cfg, None, len(VOCAB), VOCAB)
     apl = build_model(_cfg(tiny_overrides, "DROPOUT_R=0.0", "APL_RECON_WEIGHT=0.5", "APL_ALIGNMENT=true",
                            "APL_ALIGN_BURN_IN=1", "APL_ALIGN_PREDICT=false"), None, len(VOCAB), VOCAB)
+    assert apl.ranks_anchors and refclip.ranks_anchors
     missing = _same_weights(refclip, apl)
     assert missing and all(k.startswith(("reconstruction.", "alignment.")) for k in missing)
     g = torch.Generator().manual_seed(1)
