@@ -47,27 +47,27 @@ def sine_position_embedding(xy: torch.Tensor, dim: int) -> torch.Tensor:
 
 def region_mean_colours(images: torch.Tensor, boxes: torch.Tensor, mean: torch.Tensor,
                         std: torch.Tensor) -> torch.Tensor:
-    """The mean RGB (in [0, 1]) of each box's pixels, from one summed-area table per image.
+    """The mean RGB (in [0, 1]) of each box's pixels, for the whole batch at once.
 
     images ``[B,3,S,S]`` normalised with ``mean``, ``std`` ``[3]``; boxes ``[B,K,4]`` (cx, cy, w, h)
     in input pixels -> ``[B,K,3]``. Corners are clamped to the image and truncated to whole pixels
-    as APL does; a box with no whole pixel reads the one pixel at its top-left corner (APL: NaN)."""
+    as APL does; a box with no whole pixel reads the one pixel at its top-left corner (APL: NaN).
+    A box's sum is its column mask, then its row mask, applied to the image: two batched matrix
+    products."""
     b, _, height, width = images.shape
-    rgb = images.double() * std.double()[:, None, None] + mean.double()[:, None, None]
-    # integral[y, x] = sum of rgb[:y, :x]; float64 keeps the differences of large sums exact enough.
-    integral = F.pad(rgb.cumsum(2).cumsum(3), (1, 0, 1, 0)).flatten(2)  # [B, 3, (S+1)^2]
+    rgb = images.float() * std.float()[:, None, None] + mean.float()[:, None, None]
     cx, cy, w, h = boxes.float().unbind(-1)
     x1 = (cx - w / 2).clamp(0, width - 1).long()
     y1 = (cy - h / 2).clamp(0, height - 1).long()
     x2 = torch.maximum((cx + w / 2).clamp(0, width).long(), x1 + 1)
     y2 = torch.maximum((cy + h / 2).clamp(0, height).long(), y1 + 1)
-
-    def corner(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # [B, K] -> [B, 3, K]
-        return integral.gather(2, (y * (width + 1) + x).view(b, 1, -1).expand(b, 3, -1))
-
-    sums = corner(y2, x2) - corner(y1, x2) - corner(y2, x1) + corner(y1, x1)
-    area = ((x2 - x1) * (y2 - y1)).view(b, 1, -1)
-    return (sums / area).transpose(1, 2).float()
+    cols = torch.arange(width, device=images.device)
+    rows = torch.arange(height, device=images.device)
+    col_mask = ((cols >= x1[..., None]) & (cols < x2[..., None])).float()  # [B, K, W]
+    row_mask = ((rows >= y1[..., None]) & (rows < y2[..., None])).float()  # [B, K, H]
+    per_row = rgb.flatten(1, 2) @ col_mask.transpose(1, 2)  # [B, 3*H, K]
+    sums = torch.einsum("bchk,bkh->bkc", per_row.view(b, 3, height, -1), row_mask)
+    return sums / ((x2 - x1) * (y2 - y1))[..., None]
 
 
 def nearest_colour(colours: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
