@@ -12,7 +12,9 @@ Inputs, one of:
   --input FILE                                 a JSON list, or JSON lines, of {"image": path,
                                                "expression": text}; relative paths start at FILE's folder
 
-The model is loaded once (config and vocabulary from the checkpoint written by train.py) and runs
+The model is loaded once (vocabulary from the checkpoint written by train.py, and the config unless
+--config is given; KEY=VALUE overrides apply either way, and a change to what the model computes,
+such as INPUT_SHAPE, is an error unless --allow-config-change) and runs
 --batch-size pairs at a time. Each prediction is a line on stdout and, with --out-json, a JSON line:
 "image", "expression", "box" [x1, y1, x2, y2] in the image's pixels, clipped to the image,
 "match_score" the probability of the chosen candidate among the model's K candidate anchors for
@@ -58,6 +60,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-json", default="", help="write one JSON line per prediction here")
     parser.add_argument("--out-dir", default="", help="draw each prediction into this folder")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    parser.add_argument("--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="predict even where the config changes what the trained model computes")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
 
@@ -155,7 +161,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1 and --topk at least 0, got {args.batch_size} "
                           f"and {args.topk}")
     pairs = read_inputs(args)
-    predictor = Predictor.from_checkpoint(args.weights, args.device)
+    predictor = Predictor.from_checkpoint(args.weights, args.device, args.config, args.overrides,
+                                          args.allow_config_change)
     for folder in (os.path.dirname(os.path.abspath(args.out_json)) if args.out_json else "", args.out_dir):
         if folder:
             os.makedirs(folder, exist_ok=True)

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 from utils.checkpoint import completed_epochs
+from utils.cli import run_python
 from utils.config import load_config
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # The demo's data: 2100 training images; the evaluation splits hold 60 images (about 470 expressions)
 # each, as evaluation runs the detector once per image and each expression costs little more.
@@ -50,10 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def stage(name: str, command: list[str]) -> None:
     print(f"== {name}: {' '.join(command)}", flush=True)
     start = time.time()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env)
-    if result.returncode != 0:
-        sys.exit(f"quickstart: stage '{name}' failed (exit {result.returncode}); fix the error above and "
+    code = run_python(command)
+    if code != 0:
+        sys.exit(f"quickstart: stage '{name}' failed (exit {code}); fix the error above and "
                  "run the same command again: finished stages are reused")
     print(f"== {name}: done in {time.time() - start:.0f} s", flush=True)
 
@@ -93,7 +90,10 @@ def main(args: argparse.Namespace) -> int:
     if os.path.isfile(cfg.PRETRAIN_WEIGHT) and not older(cfg.PRETRAIN_WEIGHT, manifest):
         print(f"== detector: reusing {cfg.PRETRAIN_WEIGHT}")
     else:
-        stage("detector", ["pretrain.py", "--config", args.config, *device, *overrides])
+        # Made from older data, or never finished: made again, replacing what is there.
+        stale = [cfg.DET_OUTPUT, os.path.join(cfg.DET_LOG_PATH, "last.pth")]
+        overwrite = ["--overwrite"] if any(os.path.exists(path) for path in stale) else []
+        stage("detector", ["pretrain.py", "--config", args.config, *overwrite, *device, *overrides])
 
     last, best = os.path.join(cfg.LOG_PATH, "last.pth"), os.path.join(cfg.LOG_PATH, "best.pth")
     current = os.path.isfile(last) and not older(last, manifest, cfg.PRETRAIN_WEIGHT)
@@ -101,7 +101,11 @@ def main(args: argparse.Namespace) -> int:
     if finished and os.path.isfile(best):
         print(f"== train: reusing {best}")
     else:
-        resume = ["--resume", last] if current else []
+        # An unfinished current run is continued; one made from older data or weights is replaced.
+        if current:
+            resume = ["--resume", last]
+        else:
+            resume = ["--overwrite"] if os.path.exists(last) or os.path.exists(best) else []
         stage("train", ["train.py", "--config", args.config, *resume, *device, *overrides])
 
     results = os.path.join(cfg.LOG_PATH, "results.json")

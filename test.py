@@ -1,12 +1,16 @@
 """Evaluate a checkpoint on every split, draw predictions, export pseudo-labels.
 
-    python test.py --config config/refcoco.yaml --eval-weights logs/refcoco/best.pth
-    python test.py --config config/refcoco.yaml --eval-weights CKPT --splits val,testA --out-json acc.json
-    python test.py --config config/refcoco.yaml --eval-weights CKPT --visualize 20 --vis-dir vis/
-    python test.py --config config/refcoco.yaml --eval-weights CKPT --export-pseudo-labels pseudo.json
-    torchrun --nproc_per_node=4 test.py --config config/refcoco.yaml --eval-weights CKPT
+    python test.py --eval-weights logs/refcoco/best.pth
+    python test.py --eval-weights CKPT --splits val,testA --out-json acc.json
+    python test.py --eval-weights CKPT --visualize 20 --vis-dir vis/
+    python test.py --eval-weights CKPT --export-pseudo-labels pseudo.json
+    python test.py --config config/refcoco.yaml --eval-weights REFERENCE_CKPT
+    torchrun --nproc_per_node=4 test.py --eval-weights CKPT
 
-Accepts this project's checkpoints and the reference's (``{epoch, state_dict, ...}``).
+Accepts this project's checkpoints, whose config is used unless ``--config`` is given
+(KEY=VALUE overrides apply either way; a change to a key that alters what the model
+computes, such as INPUT_SHAPE, is an error unless ``--allow-config-change``), and the
+reference's (``{epoch, state_dict, ...}``, with ``--config``).
 Acc@0.5: the share of expressions whose predicted box overlaps the annotated
 one with IoU > 0.5. Evaluation splits: ``--splits``, else EVAL_SPLITS, else
 every split of the annotation file except TRAIN_SPLIT.
@@ -27,10 +31,10 @@ from tqdm import tqdm
 from datasets import FirstExpression, RefDataset, build_loader, clip_to_image, load_annotations
 from models import DetectorCache
 from utils import distributed as dist_utils
-from utils.config import Config, load_config
-from utils.engine import BASELINES, evaluate, predict, text_blind_predictor, to_device
-from utils.inference import model_for_evaluation
+from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
+from utils.config import Config
+from utils.engine import BASELINES, evaluate, model_boxes, text_blind_predictor, to_device
 from utils.logger import setup_logger
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
@@ -39,7 +43,8 @@ log = logging.getLogger("rec")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the YAML config the checkpoint was trained with")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: the one stored in the checkpoint; needed for the reference's)")
     parser.add_argument("--eval-weights", required=True, help="checkpoint to evaluate")
     parser.add_argument("--splits", default="", help="comma-separated splits (default: see above)")
     parser.add_argument("--out-json", default="", help='write {split: {"acc": %%, "n": count}} here')
@@ -52,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="write the annotation file with predicted boxes for TRAIN_SPLIT")
     parser.add_argument("--baselines", action="store_true",
                         help="also score two text-blind baselines (random_anchor, most_confident_anchor)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="evaluate even where the config changes what the trained model computes")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
@@ -64,14 +71,14 @@ def eval_splits(cfg: Config, requested: str) -> list[str]:
     return [s for s in load_annotations(cfg.ann_path, cfg.DATASET) if s not in cfg.TRAIN_SPLIT.split("+")]
 
 
-def predict_all(model, dataset: RefDataset, cfg: Config, device: torch.device) -> np.ndarray:
+def first_expression_boxes(model, dataset: RefDataset, cfg: Config, device: torch.device) -> np.ndarray:
     """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels, clipped to the image) from each
     entry's first expression."""
     loader = DataLoader(FirstExpression(dataset), batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
     boxes = np.zeros((len(dataset), 4))
     for batch in tqdm(loader, desc="predicting", disable=not dist_utils.is_main(), leave=False):
         batch = to_device(batch, device, cfg.CHANNELS_LAST)
-        pred = clip_to_image(predict(model, batch, cfg.AMP, device), batch["info"])
+        pred = clip_to_image(model_boxes(model, batch, cfg.AMP, device), batch["info"])
         boxes[batch["index"].cpu().numpy()] = pred.cpu().numpy()
     return boxes
 
@@ -87,7 +94,7 @@ def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str) ->
         if dataset.skipped:
             raise RuntimeError(f"{len(dataset.skipped)} entries of '{split}' lack their image; pseudo-labels "
                                "need every entry (set SKIP_BAD_IMAGES: False to see which)")
-        boxes = predict_all(model, dataset, cfg, device)
+        boxes = first_expression_boxes(model, dataset, cfg, device)
         out[split] = [dict(entry, bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)])
                       for entry, (x1, y1, x2, y2) in zip(data[split], boxes)]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -127,7 +134,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = evaluation_config(args.eval_weights, args.config, args.overrides)
     device = dist_utils.local_device(args.device)
     distributed = dist_utils.init_distributed(device, cfg.DIST_BACKEND)
     is_main = dist_utils.is_main()
@@ -136,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
         splits = eval_splits(cfg, args.splits)
         datasets = {split: RefDataset(cfg, split) for split in splits}
         vocab = next(iter(datasets.values())).vocab if datasets else RefDataset(cfg, cfg.TRAIN_SPLIT).vocab
-        model = model_for_evaluation(args.eval_weights, cfg, vocab, device)
+        model = model_for_evaluation(args.eval_weights, cfg, vocab, device, args.allow_config_change)
         if cfg.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
 

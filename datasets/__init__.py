@@ -1,6 +1,7 @@
 """Data pipeline: annotation files and images to the tensors the model takes."""
 from .annotations import DataError, image_file_name, load_annotations
-from .letterbox import box_to_yolo, clip_to_image, letterbox_geometry, letterbox_image, letterbox_to_original, original_to_letterbox
+from .letterbox import (box_to_yolo, clip_to_image, letterbox_geometry, letterbox_image, letterbox_to_original,
+                        normalize, original_to_letterbox)
 from .loader import EpochSampler, ShardSampler, build_loader
 from .refer_dataset import FirstExpression, RefDataset
 from .tokens import PAD, UNK, CLS, SPECIAL_TOKENS, build_vocab, encode, select_expressions, tokenize
@@ -10,5 +11,5 @@ __all__ = [
     "CLS", "DataError", "EpochSampler", "FirstExpression", "PAD", "RefDataset", "SPECIAL_TOKENS", "ShardSampler",
     "UNK", "box_to_yolo", "build_loader", "build_vocab", "clip_to_image", "encode", "image_file_name",
     "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations", "load_word_vectors",
-    "original_to_letterbox", "select_expressions", "tokenize",
+    "normalize", "original_to_letterbox", "select_expressions", "tokenize",
 ]

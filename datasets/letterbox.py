@@ -42,6 +42,15 @@ def letterbox_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int
     return square, (h, w, nh, nw, dx, dy)
 
 
+def normalize(square: np.ndarray, mean, std) -> torch.Tensor:
+    """A letterboxed RGB uint8 image ``[S, S, 3]`` -> float32 ``[3, S, S]``, scaled to [0, 1] and
+    normalised per channel with ``mean`` and ``std`` (MEAN, STD)."""
+    image = torch.from_numpy(square).permute(2, 0, 1).contiguous().float().div(255)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (image - mean) / std
+
+
 def box_to_yolo(box_xywh: np.ndarray, info, size: int) -> np.ndarray:
     """``[N, 4]`` original ``x, y, w, h`` -> letterboxed ``cx, cy, w, h`` divided by ``size``.
 

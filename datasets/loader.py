@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .annotations import DataError
+
 
 class ShardSampler(Sampler[int]):
     """Indices ``[rank * n // world_size, (rank + 1) * n // world_size)``: disjoint, covering, unpadded."""
@@ -82,14 +84,14 @@ def init_worker(worker_id: int) -> None:
 
 
 def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None = None,
-                 distributed: bool = False, seed: int | None = None) -> DataLoader:
+                 distributed: bool = False, seed: int | None = None, collate_fn=None) -> DataLoader:
     """A DataLoader over ``dataset``.
 
     ``batch_size`` (default ``cfg.BATCH_SIZE``) counts samples over all
     processes, like ``BATCH_SIZE``; each rank gets ``batch_size / world_size``.
     Training shuffles and drops the last incomplete batch (a batch of one has
     no negatives for the contrastive loss); evaluation keeps every sample in
-    file order. ``cfg.NUM_WORKER`` workers per process.
+    file order. ``cfg.NUM_WORKER`` workers per process; ``collate_fn`` as DataLoader's.
     """
     seed = cfg.SEED if seed is None else seed
     batch_size = cfg.BATCH_SIZE if batch_size is None else batch_size
@@ -99,16 +101,19 @@ def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None =
             raise RuntimeError("build_loader(distributed=True) needs torch.distributed to be initialised first")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world_size}")
+            raise DataError(f"batch size {batch_size} is not divisible by the {world_size} processes; change "
+                            "BATCH_SIZE (DET_BATCH_SIZE for the detector) or the process count")
         batch_size //= world_size
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1 per process, got {batch_size}")
 
     if train:
+        if not len(dataset):
+            raise DataError("the training split is empty; check TRAIN_SPLIT and the annotation file")
         sampler = EpochSampler(len(dataset), batch_size, seed, rank, world_size)
         if len(sampler) < batch_size:
-            raise ValueError(f"the training data has {len(dataset)} samples, too few for one batch of "
-                             f"{batch_size} per process; lower BATCH_SIZE")
+            raise DataError(f"the training data has {len(dataset)} samples, too few for one batch of "
+                            f"{batch_size} per process; lower BATCH_SIZE (DET_BATCH_SIZE for the detector)")
     elif distributed:
         sampler = ShardSampler(len(dataset), rank, world_size)
     else:
@@ -127,4 +132,5 @@ def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None =
         worker_init_fn=init_worker if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         generator=generator,
+        collate_fn=collate_fn,
     )

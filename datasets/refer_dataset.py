@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .annotations import DataError, describe_entry, image_file_name, load_annotations, select_splits
-from .letterbox import box_to_yolo, letterbox_image
+from .letterbox import box_to_yolo, letterbox_image, normalize
 from .tokens import build_vocab, encode, encode_many, select_expressions, tokenize
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,7 @@ class RefDataset(Dataset):
         self.image_dir = cfg.image_path
         self.input_size = cfg.INPUT_SHAPE[0]
         self.num_refs = cfg.NUM_REFS
-        self.mean = torch.tensor(cfg.MEAN, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(cfg.STD, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = cfg.MEAN, cfg.STD
 
         data = load_annotations(self.ann_path, self.dataset_name)
         selected = select_splits(data, split, self.ann_path)
@@ -138,11 +137,10 @@ class RefDataset(Dataset):
             primary = int(torch.randint(len(self.entries[index]["refs"]), ()))
         entry = self.entries[index]
         square, info = self.letterboxed(index)
-        image = torch.from_numpy(square).permute(2, 0, 1).contiguous().float().div(255)
         gt_box = np.array([entry["bbox"]], dtype=np.float64)
         return {
             "refs": torch.from_numpy(self.sample_refs(index, primary)),
-            "image": (image - self.mean) / self.std,
+            "image": normalize(square, self.mean, self.std),
             "box": torch.from_numpy(box_to_yolo(gt_box, info, self.input_size)).float(),
             "gt_box": torch.from_numpy(gt_box).float(),
             "info": torch.tensor(info, dtype=torch.int64),

@@ -41,9 +41,8 @@ expressions of one object; evaluation entries one expression each.
 Detection categories are coloured shapes ("red circle", ..., 12 of them): a
 detector pre-trained on shapes alone has no reason to keep colour in its
 features, and the weakly supervised model can only ground words in what the
-frozen features hold (on the 3000-image set at input 256, without CMA: 40 %
-Acc@0.5 on shape-only features, 47 % on coloured-shape ones). The REC entries'
-``cat_id`` is the same category, as in RefCOCO.
+frozen features hold (README.md, Configuration, has the figures). The REC
+entries' ``cat_id`` is the same category, as in RefCOCO.
 
 The detection files mirror COCO: ``instances_train.json`` holds every image,
 as COCO train2014 holds the RefCOCO images of every split, and

@@ -17,7 +17,7 @@ from torch import nn
 
 from .box_head import BoxHead
 from .fusion import MultiScaleFusion
-from .head import cell_box
+from .box_prediction import cell_box
 from .student import CollectDiffuseAttention, LanguageGate
 
 _HEAD_WIDTH_RATIO = 2  # box head channels = HIDDEN_SIZE / 2: APL's 256 at HIDDEN_SIZE 512

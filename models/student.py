@@ -15,7 +15,7 @@ from .blocks import ConvBNAct
 from .box_head import BoxHead
 from .fusion import MultiScaleFusion
 from .language_encoder import LanguageEncoder
-from .visual_encoder import HEAD_STRIDES, YOLOv3
+from .detector import HEAD_STRIDES, YOLOv3
 
 
 class LanguageGate(nn.Module):

@@ -8,7 +8,8 @@ from datasets import RefDataset, build_loader
 from datasets.tokens import UNK
 from models import build_model
 from models.apl import APL_COLOURS, AnchorPrompts, TextReconstruction, region_mean_colours, sine_position_embedding
-from models.head import cell_boxes, rec_loss
+from models.box_prediction import cell_boxes
+from models.loss import rec_loss
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
 from utils.config import ConfigError, load_config
 

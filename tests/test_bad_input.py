@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from models import build_model
-from models.checkpoint import reference_state_dict
+from models.reference_keys import reference_state_dict
 from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
 from utils import checkpoint as ckpt_utils
 from utils.cli import run_main
 from utils.config import load_config
-from utils.inference import model_for_evaluation
+from utils.checkpoint import model_for_evaluation
 
 
 @pytest.fixture(scope="module")

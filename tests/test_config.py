@@ -77,3 +77,87 @@ def test_dump_round_trip(tmp_path):
     again = load_config(str(tmp_path / "c.yaml"))
     assert again.to_dict() == cfg.to_dict()
     assert default_config().to_dict() != again.to_dict()
+
+
+def test_dataset_files_start_from_base_and_state_only_what_differs():
+    import yaml
+    base = load_config("config/base.yaml")
+    assert base.to_dict() == default_config().to_dict()
+    for name in CONFIGS + ["synthetic"]:
+        with open(f"config/{name}.yaml") as f:
+            own = yaml.safe_load(f)
+        assert own.pop("_BASE_") == "base.yaml"
+        cfg = load_config(f"config/{name}.yaml")
+        for keys in own.values():
+            for key, value in keys.items():
+                assert cfg[key] == value
+                if key not in ("DATASET", "LOG_PATH"):  # stated for the reader even where equal
+                    assert base[key] != value, f"{name}.yaml repeats {key} from base.yaml"
+
+
+def test_base_chain_replaces_keys_and_reports_loops(tmp_path):
+    (tmp_path / "a.yaml").write_text("TRAIN:\n  LR: 0.5\n  EPOCHS: 7\n")
+    (tmp_path / "b.yaml").write_text("_BASE_: a.yaml\nTRAIN:\n  LR: 0.25\n")
+    cfg = load_config(str(tmp_path / "b.yaml"))
+    assert (cfg.LR, cfg.EPOCHS) == (0.25, 7)
+    (tmp_path / "a.yaml").write_text("_BASE_: b.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(str(tmp_path / "b.yaml"))
+    (tmp_path / "c.yaml").write_text("_BASE_: missing.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_a_reference_yaml_with_removed_keys_names_what_to_delete(tmp_path):
+    for section, key in (("MODEL", "VIS_ENC: darknet"), ("MODEL", "LANG_ENC: lstm"), ("DATA", "MASK_PATH: {}")):
+        path = tmp_path / "reference.yaml"
+        path.write_text(f"{section}:\n  {key}\n")
+        with pytest.raises(ConfigError, match=f"'{key.split(':')[0]}' was removed: .*delete the line"):
+            load_config(str(path))
+
+
+def test_the_loaded_config_is_frozen_and_replace_checks():
+    cfg = load_config("config/refcoco.yaml")
+    with pytest.raises(ConfigError, match="frozen"):
+        cfg.LR = 1.0
+    cfg.ANCHORS.append([1, 1])  # a copy: the config itself does not change
+    assert len(cfg.ANCHORS) == 9
+    assert cfg.replace(LR=0.5).LR == 0.5 and cfg.LR == 1e-4
+    with pytest.raises(ConfigError, match="BATCH_SIZE must be at least 1"):
+        cfg.replace(BATCH_SIZE=0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("BATCH_SIZE=0", "BATCH_SIZE must be at least 1, got 0"),
+    ("DET_BATCH_SIZE=0", "DET_BATCH_SIZE must be at least 1"),
+    ("EPOCHS=0", "EPOCHS must be at least 1"),
+    ("DET_EPOCHS=0", "DET_EPOCHS must be at least 1"),
+    ("LR=-1e-4", "LR must be positive"),
+    ("DET_LR=0.0", "DET_LR must be positive"),
+    ("NUM_WORKER=-1", "NUM_WORKER must not be negative"),
+    ("GRAD_NORM_CLIP=-0.1", "GRAD_NORM_CLIP must not be negative"),
+    ("DET_GRAD_NORM_CLIP=-1.0", "DET_GRAD_NORM_CLIP must not be negative"),
+    ("FNS_WEIGHT=-0.1", "FNS_WEIGHT must not be negative"),
+    ("WEIGHT_DECAY=-0.1", "WEIGHT_DECAY must not be negative"),
+    ("DROPOUT_R=1.5", "DROPOUT_R must be between 0 and 1"),
+    ("EMA_DECAY=1.1", "EMA_DECAY must be between 0 and 1"),
+    ("DET_IGNORE_IOU=2.0", "DET_IGNORE_IOU must be between 0 and 1"),
+    ("DET_OBJECTNESS_PRIOR=0.0", "DET_OBJECTNESS_PRIOR must be between 0 and 1"),
+    ("MAX_TOKEN=0", "MAX_TOKEN must be positive, or -1"),
+    ("STD=[0.2, 0.0, 0.2]", "STD must hold three values"),
+    ("OPT=SGD", "OPT must be 'Adam' or 'AdamW', got 'SGD'"),
+    ("DET_OPT=SGD", "DET_OPT must be 'Adam' or 'AdamW'"),
+    ("DIST_BACKEND=mpi", "DIST_BACKEND must be 'auto', 'nccl' or 'gloo'"),
+])
+def test_values_out_of_range_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("config/refcoco.yaml", [override])
+
+
+def test_a_checkpoint_config_of_the_earlier_layout_still_loads():
+    from utils.config import config_from_checkpoint_dict
+    earlier = load_config("config/synthetic.yaml").to_dict()
+    earlier["TRAIN"].update(earlier.pop("DETECTOR"))  # detector keys were TRAIN keys
+    earlier["MODEL"].update(VIS_ENC="darknet", LANG_ENC="lstm")
+    earlier["DATA"]["MASK_PATH"] = {}
+    assert config_from_checkpoint_dict(earlier).to_dict() == load_config("config/synthetic.yaml").to_dict()

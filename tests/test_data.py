@@ -24,8 +24,8 @@ CASES = [(split, i) for split, entries in FIXTURE_ANNS.items() for i in range(le
 
 def fixture_config(*overrides):
     cfg = load_config(None, ["INPUT_SHAPE=[416, 416]", "MAX_TOKEN=15", *overrides])
-    cfg.ANN_PATH = {"refcoco": os.path.join(FIXTURES, "anns.json")}
-    cfg.IMAGE_PATH = {"refcoco": os.path.join(FIXTURES, "images")}
+    cfg = cfg.replace(ANN_PATH={"refcoco": os.path.join(FIXTURES, "anns.json")})
+    cfg = cfg.replace(IMAGE_PATH={"refcoco": os.path.join(FIXTURES, "images")})
     return cfg
 
 
@@ -40,8 +40,8 @@ def synthetic_config(tmp_path, splits, image_sizes, *overrides):
     ann.write_text(json.dumps(splits))
     cfg = load_config(None, ["DATASET=synthetic", "INPUT_SHAPE=[64, 64]", "SELECT_NUM=4", "MAX_TOKEN=6", "NUM_WORKER=0",
                              *overrides])
-    cfg.ANN_PATH = {"synthetic": str(ann)}
-    cfg.IMAGE_PATH = {"synthetic": str(image_dir)}
+    cfg = cfg.replace(ANN_PATH={"synthetic": str(ann)})
+    cfg = cfg.replace(IMAGE_PATH={"synthetic": str(image_dir)})
     return cfg
 
 
@@ -194,14 +194,14 @@ def test_unknown_split_lists_the_file_splits():
 
 def test_missing_annotation_file_names_path_and_key(tmp_path):
     cfg = fixture_config()
-    cfg.ANN_PATH = {"refcoco": str(tmp_path / "absent.json")}
+    cfg = cfg.replace(ANN_PATH={"refcoco": str(tmp_path / "absent.json")})
     with pytest.raises(DataError, match=r"absent\.json.*ANN_PATH\['refcoco'\]"):
         RefDataset(cfg, "train")
 
 
 def test_missing_image_folder_names_path_and_key(tmp_path):
     cfg = fixture_config()
-    cfg.IMAGE_PATH = {"refcoco": str(tmp_path / "no_images")}
+    cfg = cfg.replace(IMAGE_PATH={"refcoco": str(tmp_path / "no_images")})
     with pytest.raises(DataError, match=r"no_images.*IMAGE_PATH\['refcoco'\]"):
         RefDataset(cfg, "train")
 
@@ -211,7 +211,7 @@ def test_missing_image_is_an_error_or_skipped(tmp_path, caplog):
     cfg = synthetic_config(tmp_path, splits, {1: (20, 30), 3: (20, 30)})
     with pytest.raises(DataError, match=r"2\.jpg.*train\[1\] \(iid 2\).*1 of 3.*SKIP_BAD_IMAGES"):
         RefDataset(cfg, "train")
-    cfg.SKIP_BAD_IMAGES = True
+    cfg = cfg.replace(SKIP_BAD_IMAGES=True)
     with caplog.at_level("WARNING"):
         dataset = RefDataset(cfg, "train")
     assert len(dataset) == 2 and [e["iid"] for e in dataset.entries] == [1, 3]
@@ -381,7 +381,7 @@ def test_an_epoch_resumed_mid_way_replays_its_tail(tmp_path):
     loader = build_loader(cfg, dataset, train=True, seed=3)
     loader.sampler.set_epoch(4)
     full = [(b["info"][:, 6].tolist(), b["refs"].tolist()) for b in loader]
-    cfg.NUM_WORKER = 2
+    cfg = cfg.replace(NUM_WORKER=2)
     workers = build_loader(cfg, dataset, train=True, seed=3)
     workers.sampler.set_epoch(4, start_batch=2)
     tail = [(b["info"][:, 6].tolist(), b["refs"].tolist()) for b in workers]

@@ -2,12 +2,13 @@
 import pytest
 import torch
 
-from models import CheckpointMismatchError, build_model, load_pretrained_backbone, load_reference_state_dict
-from models.checkpoint import (detector_weight_file_state_dict, reference_state_dict as ours_as_reference,
-                               to_ours, to_reference)
-from models.head import rec_loss
-from models.visual_encoder import SPP, YOLOv3
+from models import build_model
+from models.detector import SPP, YOLOv3
+from models.loss import rec_loss
+from models.reference_keys import (detector_weight_file_state_dict, reference_state_dict as ours_as_reference,
+                                   to_ours, to_reference)
 from reference_weights import read_keys, reference_state_dict
+from utils.checkpoint import CheckpointMismatchError, load_pretrained_backbone, load_reference_state_dict
 from utils.config import load_config
 
 

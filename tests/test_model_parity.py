@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from models import build_model, load_reference_state_dict
-from models.checkpoint import to_ours
-from models.head import rec_loss
+from models import build_model
+from models.loss import rec_loss
+from models.reference_keys import to_ours
 from reference_weights import reference_cases, reference_images, reference_state_dict
+from utils.checkpoint import load_reference_state_dict
 from utils.config import load_config
 
 VARIANTS = {"accv": ("config/refcoco.yaml", None), "refclip": ("config/refclip.yaml", "process_model.")}

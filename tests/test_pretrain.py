@@ -7,10 +7,14 @@ import torch
 
 import pretrain
 from datasets import load_annotations
+from datasets.detection import build_detection_datasets, collate_detections, excluded_image_ids
 from datasets.synthetic import generate
-from models import build_model, load_pretrained_backbone
+from models import build_model
+from models.detection_loss import detection_loss
 from reference_weights import FIXTURES
+from utils.checkpoint import load_pretrained_backbone
 from utils.config import load_config
+from utils.metrics import average_precision
 
 
 
@@ -39,18 +43,18 @@ def _overrides(data, log_path, epochs=1):
 
 def _run(overrides, resume=""):
     args = pretrain.get_args_parser().parse_args(["--config", "config/synthetic.yaml", "--device", "cpu"]
-                                                 + (["--resume"] if resume else []) + overrides)
+                                                 + (["--resume", resume] if resume else []) + overrides)
     assert pretrain.main(args) == 0
 
 
 def test_rec_val_and_test_images_are_left_out(data):
     cfg = load_config("config/synthetic.yaml", _overrides(data, "unused"))
-    train_set, val_set = pretrain.build_datasets(cfg)
+    train_set, val_set = build_detection_datasets(cfg)
     rec = load_annotations(data["annotations"], "synthetic")
     assert train_set.image_ids == sorted({e["iid"] for e in rec["train"]})
     assert val_set.image_ids == sorted({e["iid"] for e in rec["val"]})
     held_out = {e["iid"] for split in ("val", "testA", "testB") for e in rec[split]}
-    assert pretrain.excluded_image_ids([data["annotations"]]) == held_out
+    assert excluded_image_ids([data["annotations"]]) == held_out
     assert train_set.num_excluded == len(held_out)
 
 
@@ -89,7 +93,7 @@ def test_resume_continues_from_the_saved_step(data, tmp_path, monkeypatch):
     assert (saved["epoch"], saved["step"]) == (1, 2)
 
     calls.clear()
-    _run(_overrides(data, tmp_path / "resumed", epochs=2), resume=True)
+    _run(_overrides(data, tmp_path / "resumed", epochs=2), resume=str(tmp_path / "resumed" / "last.pth"))
     assert len(calls) == 2  # the second epoch only
     straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
@@ -101,14 +105,14 @@ def test_resume_continues_from_the_saved_step(data, tmp_path, monkeypatch):
 def test_loss_decreases_on_a_fixed_batch(data):
     torch.manual_seed(0)
     cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
-    train_set, _ = pretrain.build_datasets(cfg)
-    batch = pretrain.collate([train_set[i] for i in range(4)])
+    train_set, _ = build_detection_datasets(cfg)
+    batch = collate_detections([train_set[i] for i in range(4)])
     model = pretrain.build_detector(cfg)
     optimizer = torch.optim.Adam(model.parameters(), 2e-3)
     losses = []
     for _ in range(8):
         _, raw = model(batch["image"], decode=False)
-        parts = pretrain.detection_loss(model, raw, batch["targets"])
+        parts = detection_loss(model, raw, batch["targets"])
         optimizer.zero_grad()
         parts["loss"].backward()
         optimizer.step()
@@ -119,16 +123,16 @@ def test_loss_decreases_on_a_fixed_batch(data):
 
 def test_class_term_follows_its_weight_and_starts_at_the_prior(data):
     cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
-    train_set, _ = pretrain.build_datasets(cfg)
-    batch = pretrain.collate([train_set[i] for i in range(2)])
+    train_set, _ = build_detection_datasets(cfg)
+    batch = collate_detections([train_set[i] for i in range(2)])
     model = pretrain.build_detector(cfg)
     _, outputs = model(batch["image"])
     scores = torch.cat([o[..., 4:].flatten(0, -2) for o in outputs])
     torch.testing.assert_close(scores[:, 0].mean(), torch.tensor(0.01), atol=2e-3, rtol=0)
     torch.testing.assert_close(scores[:, 1:].mean(), torch.tensor(1 / cfg.CLASS_NUM), atol=1e-2, rtol=0)
     _, raw = model(batch["image"], decode=False)
-    plain = pretrain.detection_loss(model, raw, batch["targets"])
-    weighted = pretrain.detection_loss(model, raw, batch["targets"], cls_weight=4.0)
+    plain = detection_loss(model, raw, batch["targets"])
+    weighted = detection_loss(model, raw, batch["targets"], cls_weight=4.0)
     assert weighted["cls"] == plain["cls"] > 0
     torch.testing.assert_close(weighted["loss"], plain["loss"] + 3.0 * plain["cls"])
 
@@ -141,7 +145,7 @@ def test_boxes_are_assigned_to_the_best_prior_and_the_anchor_free_slot(data):
     # A 30 x 28 box (one of the stride-32 priors) centred in cell (1, 1) of the 2 x 2 stride-32 grid.
     targets = torch.tensor([[0.0, 1.0, 33.0, 34.0, 63.0, 62.0]])
     raw = [(s.detach().requires_grad_(), o.detach().requires_grad_()) for s, o in raw]
-    pretrain.detection_loss(model, raw, targets)["cls"].backward()
+    detection_loss(model, raw, targets)["cls"].backward()
     grad = raw[0][1].grad[..., 5:].abs().sum(-1)  # [1, 2, 2, 4]
     assert set(map(tuple, grad.nonzero().tolist())) == {(0, 1, 1, 1), (0, 1, 1, 3)}
     assert all(o.grad is None or not o.grad[..., 5:].any() for _, o in raw[1:])
@@ -150,9 +154,34 @@ def test_boxes_are_assigned_to_the_best_prior_and_the_anchor_free_slot(data):
 def test_average_precision():
     box = torch.tensor([0.0, 0.0, 10.0, 10.0])
     truth = {1: box[None], 2: torch.zeros(0, 4)}
-    assert pretrain.average_precision([(1, 0.9, box)], truth) == pytest.approx(1.0)
+    assert average_precision([(1, 0.9, box)], truth) == pytest.approx(1.0)
     # A false positive ranked first halves the precision at full recall.
-    assert pretrain.average_precision([(2, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(0.5)
+    assert average_precision([(2, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(0.5)
     # A duplicate of a matched box is a false positive that comes after full recall: no loss.
-    assert pretrain.average_precision([(1, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(1.0)
-    assert pretrain.average_precision([(1, 0.9, box + 8)], truth) == 0.0
+    assert average_precision([(1, 0.9, box), (1, 0.8, box)], truth) == pytest.approx(1.0)
+    assert average_precision([(1, 0.9, box + 8)], truth) == 0.0
+
+
+
+def test_batched_loss_sums_the_losses_of_its_images(data):
+    """The ignore test runs on the whole batch (boxes padded per image): each term's sum over the
+    batch is the sum of the terms of its images computed alone, an image without boxes included."""
+    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    train_set, _ = build_detection_datasets(cfg)
+    batch = collate_detections([train_set[i] for i in range(4)])
+    targets = batch["targets"][batch["targets"][:, 0] != 2]  # image 2 without boxes
+    model = pretrain.build_detector(cfg)
+    with torch.no_grad():
+        _, raw = model(batch["image"], decode=False)
+    for ignore_iou in (0.0, 0.3, 0.5):
+        whole = detection_loss(model, raw, targets, ignore_iou)
+        positives = 2 * len(targets)
+        sums = dict.fromkeys(("shape", "box", "obj", "cls"), 0.0)
+        for k in range(4):
+            mine = targets[targets[:, 0] == k].clone()
+            mine[:, 0] = 0
+            alone = detection_loss(model, [(s[k:k + 1], o[k:k + 1]) for s, o in raw], mine, ignore_iou)
+            for key in sums:
+                sums[key] += alone[key] * max(2 * len(mine), 1)  # the loss divides by the positives
+        for key in sums:
+            torch.testing.assert_close(whole[key] * positives, sums[key], rtol=1e-5, atol=1e-4)

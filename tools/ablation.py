@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 from utils.checkpoint import completed_epochs
+from utils.cli import run_python
 from utils.config import load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each variant adds one component to RefCLIP (one expression per sample, contrastive loss only);
 # 'full' is the ACCV 2024 model: all three, three expressions per sample. The '-query' rows condition
@@ -51,8 +49,7 @@ VARIANTS = {
 
 
 def run(script: str, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env).returncode != 0:
+    if run_python([script, *args]) != 0:
         sys.exit(f"ablation: {script} {' '.join(args)} failed")
 
 

@@ -47,11 +47,10 @@ import torch
 from datasets.tokens import SPECIAL_TOKENS, tokenize
 from models import build_model
 from models.apl import APL_COLOURS
-from train import build_optimizer  # the optimizer trained with is the one timed
 from utils.config import Config, load_config
 from utils.ema import ModelEMA
 from utils.engine import autocast, train_step
-from utils.scheduler import build_scheduler
+from utils.optim import Recipe, build_optimizer, build_scheduler
 
 VOCAB_SIZE = 2000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,8 +155,9 @@ def benchmark_model(cfg: Config, args: argparse.Namespace, device: torch.device)
     if cfg.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     ema = ModelEMA(model, cfg.EMA_DECAY)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, 1000, cfg)
+    recipe = Recipe.rec(cfg)  # the optimizer and schedule train.py trains with
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, 1000, recipe)
     scaler = torch.amp.GradScaler(device.type) if cfg.AMP == "fp16" else None
     run_model = torch.compile(model) if cfg.COMPILE else model
     run_backbone = torch.compile(model.visual_encoder) if cfg.COMPILE else model.visual_encoder

@@ -1,17 +1,17 @@
 """Where a model trained on the synthetic data goes wrong: accuracy per kind of expression, and the
 ceiling its anchors allow.
 
-    python -m tools.diagnose_synthetic --config config/synthetic.yaml --eval-weights logs/synthetic/best.pth
+    python -m tools.diagnose_synthetic --eval-weights logs/synthetic/best.pth [--config FILE] [KEY=VALUE ...]
     python -m tools.diagnose_synthetic --eval-weights A/best.pth --eval-weights B/best.pth --names refclip,apl
 
 For one split (``--split``, default val) and each kind of expression (the colour, size and position
 words it uses; ``category`` for the noun alone): how many there are, the model's Acc@0.5, and the
 share whose referent is among the selected anchors at all -- the best any choice among them can
 score, each cell giving its most confident box as the model does. A model near the ceiling needs a
-better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``.
-
-Several checkpoints are compared side by side, each run with the config it was trained with (a
-reference checkpoint, which holds none, with ``--config``); the ceiling column is the first one's.
+better detector; one far below it, a better ranking. Only for data of ``datasets.synthetic``. The
+config is the checkpoint's unless ``--config`` is given, as in test.py. Several checkpoints are
+compared side by side (``--eval-weights`` repeated), each with its own config; the ceiling column is
+the first one's.
 """
 from __future__ import annotations
 
@@ -24,18 +24,17 @@ from torchvision.ops import box_iou
 
 from datasets import RefDataset, build_loader, letterbox_to_original
 from datasets.synthetic import expression_kind
-from models.head import cell_box
+from models.box_prediction import cell_box
+from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
-from utils.checkpoint import FORMAT, load_checkpoint
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError
 from utils.distributed import local_device
-from utils.engine import gt_xyxy, predict, to_device
-from utils.inference import config_from_checkpoint, model_for_evaluation
+from utils.engine import gt_xyxy, model_boxes, to_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
     parser.add_argument("--eval-weights", required=True, action="append",
                         help="checkpoint to diagnose; repeat it to compare several")
     parser.add_argument("--names", default=None, help="comma-separated column names, one per checkpoint "
@@ -54,7 +53,7 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
     for batch in build_loader(cfg, dataset, train=False):
         batch = to_device(batch, device)
         gt = gt_xyxy(batch["gt_box"])
-        correct = box_iou(predict(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
+        correct = box_iou(model_boxes(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
         candidates = model.candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
         b, k = candidates.shape[:2]
         boxes = torch.stack([cell_box(candidates, torch.full((b,), cell, device=device))[:, 0, :4]
@@ -79,12 +78,9 @@ def main(args: argparse.Namespace) -> int:
     device = local_device(args.device)
     results = []
     for path in args.eval_weights:
-        ckpt = load_checkpoint(path, "evaluation weights")
-        cfg = (config_from_checkpoint(ckpt, path, args.overrides) if ckpt.get("format") == FORMAT
-               else load_config(args.config, args.overrides))
+        cfg = evaluation_config(path, args.config, args.overrides)
         dataset = RefDataset(cfg, args.split)
-        model = model_for_evaluation(path, cfg, dataset.vocab, device, ckpt)
-        results.append(diagnose(model, dataset, cfg, device))
+        results.append(diagnose(model_for_evaluation(path, cfg, dataset.vocab, device), dataset, cfg, device))
     print(f"{'expressions':<26}{'n':>6}{'ceiling':>9}" + "".join(f"{name:>12}" for name in names)
           + f"   (Acc@0.5, {args.split})")
     for kind, row in results[0].items():

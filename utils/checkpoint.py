@@ -1,16 +1,82 @@
-"""Checkpoint files: written atomically, read without unpickling arbitrary objects."""
+"""Checkpoint files: written atomically, read without unpickling arbitrary objects, loaded into
+models with every key that does not fit reported; the reference's files through the key mapping of
+``models/reference_keys.py``."""
 from __future__ import annotations
 
 import os
 import random
 import tempfile
+import warnings
+from typing import Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
-from models.checkpoint import CheckpointMismatchError, load_matching
+from models import REC, build_model
+from models.reference_keys import to_ours
+
+from .config import Config, ConfigError, changed_model_keys, config_from_checkpoint_dict, load_config
 
 FORMAT = "rec-train-v1"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict that does not fit the model (another config, another model, a damaged file)."""
+
+
+def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
+    """Accept a raw state dict or a checkpoint dict holding one; drop DDP's ``module.`` prefix."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"expected a state dict, got {type(obj).__name__}")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped key at once."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(expected[k].shape)} in the model"
+              for k in sorted(set(expected) & set(state_dict))
+              if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit the model (was it made with another config?)"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + "\n    ".join([""] + shown))
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_reference_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+    """Load a state dict in the reference's naming (raw, or a checkpoint holding ``'state_dict'``,
+    with or without DDP's ``module.`` prefix) into ``model``. Nothing is skipped: any key that is
+    missing, unexpected or of another shape raises :class:`CheckpointMismatchError`."""
+    weights = {to_ours(k): v for k, v in unwrap_state_dict(state_dict).items()}
+    load_matching(model, weights, "the reference state dict")
+
+
+def load_pretrained_backbone(visual_encoder: nn.Module, path: str) -> None:
+    """Load a detector weight file (the reference's ``yolov3_coco.pth`` keys) into the visual encoder.
+
+    ``'none'`` keeps random weights, with a warning. A missing file or keys that do not fit raise.
+    """
+    if path.lower() == "none":
+        warnings.warn("PRETRAIN_WEIGHT is 'none': the frozen detector keeps random weights, so its "
+                      "anchors are meaningless; use this only for tests and benchmarks", stacklevel=2)
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"detector weights not found: {path} (set PRETRAIN_WEIGHT to the "
+                                "yolov3 weight file, or 'none' for random weights)")
+    raw = unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    weights = {to_ours(k, module="visual_encoder"): v for k, v in raw.items()}
+    load_matching(visual_encoder, weights, f"PRETRAIN_WEIGHT {path}")
 
 
 def save_atomic(obj: dict, path: str) -> None:
@@ -90,8 +156,69 @@ def restore_training_state(ckpt: dict, path: str, model, ema, optimizer, schedul
     set_rng_state(ckpt["rng"])
 
 
+def prepare_run_folder(folder: str, key: str, previous: list[str], resume: str, overwrite: bool) -> None:
+    """Make ``folder`` (config key ``key``) for a run, never at the cost of another run: a fresh run
+    (no ``resume``) stops where any of ``previous`` (that run's checkpoints and outputs) exists,
+    unless ``overwrite``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{key} {folder} is a file, not a folder; set {key} to a folder path")
+    found = [path for path in previous if os.path.exists(path)]
+    if found and not resume and not overwrite:
+        raise ConfigError(f"{', '.join(found)} already exist(s) from an earlier run: continue it with --resume "
+                          f"{os.path.join(folder, 'last.pth')}, start a new one with {key}=<new folder>, or "
+                          "pass --overwrite to replace it")
+    os.makedirs(folder, exist_ok=True)
+
+
 def completed_epochs(path: str) -> int:
     """Epochs the training checkpoint ``path`` (train.py's ``last.pth``) has finished; 0 when absent."""
     if not os.path.isfile(path):
         return 0
     return load_checkpoint(path, "training checkpoint")["epoch"]
+
+
+def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = None) -> Config:
+    """The config a checkpoint of this project was trained with (plus ``overrides``)."""
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
+                                      "with --config <the config it was trained with>")
+    return config_from_checkpoint_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
+
+
+def evaluation_config(weights: str, config: str | None, overrides: list[str]) -> Config:
+    """The config to evaluate checkpoint ``weights`` with: the YAML file ``config`` when given, else
+    the one stored in the checkpoint; ``overrides`` on top either way."""
+    if config:
+        return load_config(config, overrides)
+    return config_from_checkpoint(load_checkpoint(weights, "evaluation weights"), weights, overrides)
+
+
+def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch.device,
+                         allow_config_change: bool = False, ckpt: dict | None = None) -> REC:
+    """The model of ``cfg`` with the evaluation weights of checkpoint ``path``, in eval mode.
+
+    This project's checkpoints carry their vocabulary, which must equal ``vocab`` (the token ids
+    the data will be encoded with), and their config, which must equal ``cfg`` in every key that
+    changes what the model computes (``MODEL_KEYS``: INPUT_SHAPE, SELECT_NUM, ...) unless
+    ``allow_config_change``; data paths may differ. Reference checkpoints (``{epoch, state_dict,
+    ...}`` in the reference's naming) are mapped by :func:`load_reference_state_dict`. ``ckpt``: the
+    file's contents when the caller has read it already."""
+    if ckpt is None:
+        ckpt = load_checkpoint(path, "evaluation weights")
+    model = build_model(cfg, None, len(vocab), vocab)
+    if ckpt.get("format") == FORMAT:
+        if ckpt["vocab"] != list(vocab):
+            raise CheckpointMismatchError(f"{path} was trained with a vocabulary of {len(ckpt['vocab'])} tokens that "
+                                          f"differs from this annotation file's ({len(vocab)} tokens): evaluate "
+                                          "with the annotation file it was trained on")
+        load_matching(model, ckpt["state_dict"], path)
+        trained = config_from_checkpoint(ckpt, path)
+        changed = changed_model_keys(cfg, trained)
+        if changed and not allow_config_change:
+            differences = ", ".join(f"{key} ({cfg[key]} here, {trained[key]} in training)" for key in changed)
+            raise ConfigError(f"the config differs from the one {path} was trained with in {differences}: the "
+                              "model would not compute what it was trained to; drop these changes (without "
+                              "--config the checkpoint's own config is used), or pass --allow-config-change")
+    else:
+        load_reference_state_dict(model, ckpt)
+    return model.to(device).eval()

@@ -1,10 +1,14 @@
 """Configuration: every behaviour is a documented key, defaults live here.
 
 A YAML file keeps the reference's sections (``DATA``, ``TRAIN``, ``MODEL``,
-``DISTRIBUTED``); key names are unique across sections, so the loaded config
-is flat (``cfg.HIDDEN_SIZE``). Unknown keys, keys in the wrong section and
-values of the wrong type are errors that say what to fix. Command-line
-overrides are ``KEY=VALUE`` strings, the value parsed as YAML.
+``DISTRIBUTED``) plus ``DETECTOR`` for detector pre-training; key names are
+unique across sections, so the loaded config is flat (``cfg.HIDDEN_SIZE``).
+A file may start from another, detectron2-style: ``_BASE_: base.yaml`` (a
+path relative to the file) loads that file first, and the keys given here
+replace its values. Unknown keys, keys in the wrong section, values of the
+wrong type or out of range are errors that name the key. Command-line
+overrides are ``KEY=VALUE`` strings, the value parsed as YAML. A loaded
+config is frozen: ``cfg.replace(KEY=value)`` makes a changed copy.
 """
 from __future__ import annotations
 
@@ -52,7 +56,6 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "TRAIN_ANN_PATH": ("", "annotation file whose TRAIN_SPLIT is trained on, e.g. the pseudo-labels of "
                            "test.py --export-pseudo-labels; '' for ANN_PATH's. Validation and evaluation read "
                            "ANN_PATH; another file must be ANN_PATH's with only the training boxes changed"),
-        "MASK_PATH": ({}, "accepted for compatibility with the reference's configs; masks are not used"),
         "MAX_TOKEN": (15, "expressions are truncated or padded to this many tokens"),
         "INPUT_SHAPE": ([416, 416], "letterboxed network input [height, width]; both must be equal"),
         "MEAN": ([0.485, 0.456, 0.406], "per-channel mean for image normalisation (RGB, in [0, 1])"),
@@ -96,41 +99,55 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                            "them in later epochs and evaluation passes (same results; needs VIS_FREEZE and "
                            "FREEZE_BACKBONE_BN; memory: ~130 KB per image at the synthetic size, 5 MB at 416)"),
         "COMPILE": (False, "wrap the model in torch.compile"),
+    },
+    "DETECTOR": {
         # Detector pretraining (pretrain.py); the detector's shape comes from the MODEL keys.
-        "DET_ANN_PATH": ("./data/detection/instances_train2014.json", "pretrain.py: COCO-format detection "
-                         "annotations to train the detector on"),
-        "DET_VAL_ANN_PATH": ("./data/detection/instances_val2014.json", "pretrain.py: COCO-format "
-                             "detection annotations on which mAP@0.5 is measured"),
-        "DET_IMAGE_PATH": ("./data/images/train2014", "pretrain.py: image folder of DET_ANN_PATH "
-                           "(images found by their file_name)"),
-        "DET_VAL_IMAGE_PATH": ("./data/images/val2014", "pretrain.py: image folder of DET_VAL_ANN_PATH; "
-                               "'' for DET_IMAGE_PATH (its images are then also left out of training)"),
+        "DET_ANN_PATH": ("./data/detection/instances_train2014.json", "COCO-format detection annotations to "
+                         "train the detector on"),
+        "DET_VAL_ANN_PATH": ("./data/detection/instances_val2014.json", "COCO-format detection annotations on "
+                             "which mAP@0.5 is measured"),
+        "DET_IMAGE_PATH": ("./data/images/train2014", "image folder of DET_ANN_PATH (images found by their "
+                           "file_name)"),
+        "DET_VAL_IMAGE_PATH": ("./data/images/val2014", "image folder of DET_VAL_ANN_PATH; '' for "
+                               "DET_IMAGE_PATH (its images are then also left out of training)"),
         "DET_EXCLUDE_ANNS": (["./data/anns/refcoco.json", "./data/anns/refcoco+.json",
                               "./data/anns/refcocog.json"],
-                             "pretrain.py: REC annotation files whose images of every split but 'train' are "
-                             "left out of detector training (REC iids are the detection image ids)"),
-        "DET_EPOCHS": (100, "pretrain.py: training epochs"),
-        "DET_LR": (1e-3, "pretrain.py: peak learning rate (AdamW; linear warm-up, then cosine decay)"),
-        "DET_WARMUP": (1.0, "pretrain.py: epochs of linear learning-rate warm-up (may be fractional)"),
-        "DET_WEIGHT_DECAY": (5e-4, "pretrain.py: AdamW weight decay of the convolution kernels"),
-        "DET_BATCH_SIZE": (64, "pretrain.py: images per optimisation step, over all processes"),
-        "DET_FLIP": (True, "pretrain.py: random horizontal flips of training images"),
-        "DET_IGNORE_IOU": (0.5, "pretrain.py: predictions overlapping a ground-truth box above this IoU "
-                           "get no objectness loss"),
-        "DET_CLS_WEIGHT": (1.0, "pretrain.py: weight of the class term of the detection loss (the others "
-                           "weigh 1); a narrow detector learns colour only when it is raised"),
-        "DET_EMA": (True, "pretrain.py: keep an EMA of the detector (decay EMA_DECAY) and save it"),
-        "DET_LOG_PATH": ("./logs/detector", "pretrain.py: folder for its checkpoints, log, TensorBoard "
-                         "events and metrics.json"),
-        "DET_OUTPUT": ("./data/weights/yolov3_pretrained.pth", "pretrain.py: the detector weight file "
-                       "to write (the keys of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
+                             "REC annotation files whose images of every split but 'train' are left out of "
+                             "detector training (REC iids are the detection image ids)"),
+        "DET_EPOCHS": (100, "training epochs"),
+        "DET_BATCH_SIZE": (64, "images per optimisation step, over all processes"),
+        "DET_OPT": ("AdamW", "optimizer: 'Adam' or 'AdamW'"),
+        "DET_OPT_PARAMS": ({}, "extra optimizer arguments (e.g. betas, eps)"),
+        "DET_LR": (1e-3, "peak learning rate"),
+        "DET_WEIGHT_DECAY": (5e-4, "weight decay of the convolution kernels (BatchNorm scales and biases "
+                             "are not decayed)"),
+        "DET_SCHEDULER": ("wcosine", "'wcosine' (per-step warm-up then cosine) or 'cosine'"),
+        "DET_WARMUP": (1.0, "epochs of linear learning-rate warm-up (may be fractional)"),
+        "DET_WARMUP_LR": (1e-5, "learning rate at the start of warm-up"),
+        "DET_MIN_LR": (2e-5, "learning rate at the end of the cosine decay"),
+        "DET_GRAD_NORM_CLIP": (10.0, "gradient-norm clipping threshold; 0 disables it"),
+        "DET_EMA": (True, "keep an exponential moving average of the detector and save it"),
+        "DET_EMA_DECAY": (0.9997, "EMA decay ceiling; the decay is min(this, (step+1)/(step+10))"),
+        "DET_FLIP": (True, "random horizontal flips of training images"),
+        "DET_IGNORE_IOU": (0.5, "predictions overlapping a ground-truth box above this IoU get no objectness "
+                           "loss"),
+        "DET_CLS_WEIGHT": (1.0, "weight of the class term of the detection loss (the others weigh 1); a "
+                           "narrow detector learns colour only when it is raised"),
+        "DET_OBJECTNESS_PRIOR": (0.01, "objectness probability the heads start at, so that the many empty "
+                                 "cells do not swamp the first steps"),
+        "DET_SCORE_MIN": (0.001, "mAP: detections scoring below this (objectness x class) are dropped"),
+        "DET_NMS_IOU": (0.5, "mAP: IoU of per-class non-maximum suppression"),
+        "DET_MAX_DETECTIONS": (100, "mAP: detections kept per image after NMS"),
+        "DET_AP_IOU": (0.5, "mAP: IoU a detection needs with a ground-truth box to count as a hit"),
+        "DET_LOG_PATH": ("./logs/detector", "folder for its checkpoints, log, TensorBoard events and "
+                         "metrics.json"),
+        "DET_OUTPUT": ("./data/weights/yolov3_pretrained.pth", "the detector weight file to write (the keys "
+                       "of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
     },
     "MODEL": {
         "ARCH": ("weak", "'weak': the weakly supervised model, which ranks the detector's anchors against the "
                  "expression and learns without boxes; 'student': the supervised one-stage model (SimREC-style, "
                  "models/student.py) that regresses one box per expression and learns from TRAIN_ANN_PATH's boxes"),
-        "VIS_ENC": ("darknet", "visual encoder: the YOLOv3 DarkNet-53 detector ('darknet')"),
-        "LANG_ENC": ("lstm", "language encoder: GRU + self-attention ('lstm', the reference's name)"),
         "ANCHORS": ([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [42, 119],
                      [116, 90], [156, 198], [121, 240]], "detector anchor priors (pixels)"),
         "ANCH_MASK": ([[6, 7, 8], [3, 4, 5], [0, 1, 2]], "anchors of the stride-32, 16 and 8 heads"),
@@ -208,25 +225,62 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
 
 _SECTION_OF = {key: section for section, keys in SCHEMA.items() for key in keys}
 
+# Keys that change what a trained model computes from an image and an expression: a config for
+# evaluating a checkpoint must agree with the checkpoint's on each of them.
+MODEL_KEYS = ("INPUT_SHAPE", "MEAN", "STD", "MAX_TOKEN", "ANCHORS", "ANCH_MASK", "CLASS_NUM", "VIS_WIDTH",
+              "VIS_MIN_CHANNELS", "SPP_KERNELS", "WORD_EMBED_SIZE", "HIDDEN_SIZE", "N_SA", "MULTI_HEAD",
+              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION")
+
+# Keys of the reference's configs that this project does not have, and what to do about them.
+_RETIRED = {
+    "VIS_ENC": "the visual encoder is always the YOLOv3 detector (models/detector.py); delete the line",
+    "LANG_ENC": "the language encoder is always the GRU of models/language_encoder.py; delete the line",
+    "MASK_PATH": "masks are not used; delete the line",
+}
+
+# Keys that take one of a few words.
+_CHOICES = {"AMP": ("none", "bf16", "fp16"), "CMA_ATTENTION": ("reference", "standard"),
+            "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
+            "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
+            "DIST_BACKEND": ("auto", "nccl", "gloo"),
+            "ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "APL_RECON_ANCHOR": ("own", "batch_sum")}
+
+# Numeric keys and their ranges: (lowest, highest), None for unbounded.
+_RANGES = {
+    **{key: (1, None) for key in ("BATCH_SIZE", "EPOCHS", "PRINT_FREQ", "EVAL_EVERY", "NUM_REFS", "DET_EPOCHS",
+                                  "DET_BATCH_SIZE", "DET_MAX_DETECTIONS", "CLASS_NUM", "WORD_EMBED_SIZE",
+                                  "HIDDEN_SIZE", "N_SA", "MULTI_HEAD", "FF_SIZE")},
+    **{key: (0, None) for key in ("NUM_WORKER", "WARMUP", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "GRAD_NORM_CLIP",
+                                  "DET_WARMUP", "DET_WARMUP_LR", "DET_MIN_LR", "DET_WEIGHT_DECAY",
+                                  "DET_GRAD_NORM_CLIP", "DET_CLS_WEIGHT", "FNS_WEIGHT", "ER_WEIGHT",
+                                  "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST",
+                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN")},
+    **{key: (0, 1) for key in ("EMA_DECAY", "DET_EMA_DECAY", "DROPOUT_R", "DET_IGNORE_IOU", "DET_SCORE_MIN",
+                               "DET_NMS_IOU", "DET_AP_IOU")},
+}
+_POSITIVE = ("LR", "DET_LR", "VIS_WIDTH", "BOX_HEAD_CHANNELS", "BOX_CENTER_RADIUS")
+_OPEN_UNIT = ("DET_OBJECTNESS_PRIOR",)  # probabilities a logit is taken of: strictly between 0 and 1
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
 
 
 class Config:
-    """Flat, attribute-access view of a configuration."""
+    """Flat, attribute-access, read-only view of a configuration."""
 
     def __init__(self, values: dict[str, Any]):
         object.__setattr__(self, "_values", dict(values))
 
     def __getattr__(self, key: str) -> Any:
         try:
-            return self._values[key]
+            return copy.deepcopy(self._values[key])
         except KeyError:
             raise AttributeError(_unknown_key_message(key)) from None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        self._values[key] = _check(key, value)
+        raise ConfigError(f"the config is frozen after loading; set {key} in the YAML file or as an override "
+                          f"{key}=..., or make a copy with cfg.replace({key}=...)")
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -236,6 +290,14 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self._values!r})"
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` applied, each value checked and the result validated."""
+        values = dict(self._values)
+        for key, value in changes.items():
+            values[key] = _check(key, value)
+        _validate(values)
+        return Config(values)
 
     def to_dict(self) -> dict[str, Any]:
         """Sectioned dict, the layout of the YAML files."""
@@ -268,6 +330,8 @@ def _dataset_entry(cfg: Config, key: str) -> str:
 
 
 def _unknown_key_message(key: str) -> str:
+    if key in _RETIRED:
+        return f"config key '{key}' was removed: {_RETIRED[key]}"
     close = difflib.get_close_matches(key, list(_SECTION_OF), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}' (section {_SECTION_OF[close[0]]})?" if close else ""
     return f"unknown config key '{key}'{hint}"
@@ -305,22 +369,33 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
-# Keys that take one of a few words.
-_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"),
-            "CMA_ATTENTION": ("reference", "standard"), "CMA_CONDITION": ("own", "query"),
-            "SCHEDULER": ("wcosine", "cosine"), "APL_RECON_ANCHOR": ("own", "batch_sum")}
-
-
 def _validate(values: dict[str, Any]) -> None:
-    shape = values["INPUT_SHAPE"]
-    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % 32:
-        raise ConfigError(f"INPUT_SHAPE must be [S, S] with S a multiple of 32, got {shape}")
+    """Every check of a value against its range, its choices or other keys: the one place."""
     for key, choices in _CHOICES.items():
         if values[key] not in choices:
             *rest, last = (repr(c) for c in choices)
             raise ConfigError(f"{key} must be {', '.join(rest)} or {last}, got {values[key]!r}")
-    if values["NUM_REFS"] < 1:
-        raise ConfigError(f"NUM_REFS must be at least 1, got {values['NUM_REFS']}")
+    for key, (low, high) in _RANGES.items():
+        if values[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {values[key]}" if low else
+                              f"{key} must not be negative, got {values[key]}")
+        if high is not None and values[key] > high:
+            raise ConfigError(f"{key} must be between {low} and {high}, got {values[key]}")
+    for key in _POSITIVE:
+        if values[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {values[key]}")
+    for key in _OPEN_UNIT:
+        if not 0 < values[key] < 1:
+            raise ConfigError(f"{key} must be between 0 and 1 (exclusive), got {values[key]}")
+    if values["MAX_TOKEN"] < 1 and values["MAX_TOKEN"] != -1:
+        raise ConfigError(f"MAX_TOKEN must be positive, or -1 for the longest expression, got {values['MAX_TOKEN']}")
+    shape = values["INPUT_SHAPE"]
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] % 32 or shape[0] <= 0:
+        raise ConfigError(f"INPUT_SHAPE must be [S, S] with S a multiple of 32, got {shape}")
+    for key in ("MEAN", "STD"):
+        if len(values[key]) != 3 or (key == "STD" and any(v <= 0 for v in values[key])):
+            raise ConfigError(f"{key} must hold three values (R, G, B){', each positive' if key == 'STD' else ''}, "
+                              f"got {values[key]}")
     if values["SELECT_NUM"] < 2:
         raise ConfigError(f"SELECT_NUM must be at least 2 (the loss uses the second-best anchor), "
                           f"got {values['SELECT_NUM']}")
@@ -334,15 +409,6 @@ def _validate(values: dict[str, Any]) -> None:
     if values["CACHE_DETECTOR"] and not (values["VIS_FREEZE"] and values["FREEZE_BACKBONE_BN"]):
         raise ConfigError("CACHE_DETECTOR needs a detector whose outputs do not change: set VIS_FREEZE and "
                           "FREEZE_BACKBONE_BN to true, or CACHE_DETECTOR to false")
-    for key in ("VIS_MIN_CHANNELS", "DET_CLS_WEIGHT", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST"):
-        if values[key] < 0:
-            raise ConfigError(f"{key} must not be negative, got {values[key]}")
-    if values["BOX_HEAD_CHANNELS"] < 1 or values["BOX_CENTER_RADIUS"] <= 0:
-        raise ConfigError(f"BOX_HEAD_CHANNELS and BOX_CENTER_RADIUS must be positive, got "
-                          f"{values['BOX_HEAD_CHANNELS']} and {values['BOX_CENTER_RADIUS']}")
-    for key in ("VIS_MIN_CHANNELS", "DET_CLS_WEIGHT", "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN"):
-        if values[key] < 0:
-            raise ConfigError(f"{key} must not be negative, got {values[key]}")
     names = values["DETECTOR_CLASS_NAMES"]
     if values["APL_CATEGORY_PROMPT"] and (len(names) != values["CLASS_NUM"]
                                           or not all(isinstance(n, str) and n.split() for n in names)):
@@ -373,24 +439,45 @@ def default_config() -> Config:
                    for key, (default, _) in keys.items()})
 
 
+def read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The sectioned dict of the YAML file at ``path`` with its ``_BASE_`` chain resolved: the base
+    file's sections, each key replaced where this file gives it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"{path}: _BASE_ chain loops back to it ({' -> '.join(seen)})")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold sections {list(SCHEMA)} at its top level")
+    base = raw.pop("_BASE_", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: _BASE_ must be a file name, got {base!r}")
+    merged = read_yaml(os.path.join(os.path.dirname(path), base), seen + (os.path.abspath(path),))
+    for section, keys in raw.items():
+        if isinstance(merged.get(section), dict) and isinstance(keys, dict):
+            merged[section] = {**merged[section], **keys}
+        else:
+            merged[section] = keys
+    return merged
+
+
 def load_config(path: str | None, overrides: Iterable[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``KEY=VALUE`` overrides."""
-    raw: Any = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    """Defaults, then the YAML file at ``path`` (if any, with its ``_BASE_`` files), then ``KEY=VALUE``
+    overrides; frozen."""
+    raw = read_yaml(path) if path is not None else {}
     return config_from_dict(raw, overrides, source=path or "the config")
 
 
 def config_from_dict(raw: Any, overrides: Iterable[str] | None = None, source: str = "the config") -> Config:
     """Defaults, then a sectioned dict (the layout of the YAML files, ``Config.to_dict()``), then
-    ``KEY=VALUE`` overrides; every value checked."""
-    cfg = default_config()
+    ``KEY=VALUE`` overrides; every value checked, the result frozen."""
+    values = dict(default_config()._values)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold sections {list(SCHEMA)} at its top level")
     for section, keys in raw.items():
@@ -401,14 +488,31 @@ def config_from_dict(raw: Any, overrides: Iterable[str] | None = None, source: s
                 raise ConfigError(f"{source}: key '{key}' belongs in section "
                                   f"{_SECTION_OF[key]}, not {section}")
             try:
-                setattr(cfg, key, value)
+                values[key] = _check(key, value)
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
     for text in overrides or ():
         key, value = parse_override(text)
-        setattr(cfg, key, value)
-    _validate(cfg._values)
-    return cfg
+        values[key] = _check(key, value)
+    _validate(values)
+    return Config(values)
+
+
+def config_from_checkpoint_dict(raw: dict, overrides: Iterable[str] | None = None,
+                                source: str = "the checkpoint") -> Config:
+    """:func:`config_from_dict` for a config stored in a checkpoint, also one written before the
+    DETECTOR section existed: keys are read from whichever section holds them, and the retired
+    keys the reference's layout carried are dropped (they never changed what was computed)."""
+    flat = {key: value for keys in raw.values() for key, value in (keys or {}).items() if key not in _RETIRED}
+    sectioned: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        sectioned.setdefault(_SECTION_OF.get(key, "TRAIN"), {})[key] = value
+    return config_from_dict(sectioned, overrides, source)
+
+
+def changed_model_keys(cfg: Config, trained: Config) -> list[str]:
+    """The keys of :data:`MODEL_KEYS` whose value in ``cfg`` differs from ``trained``'s."""
+    return [key for key in MODEL_KEYS if cfg[key] != trained[key]]
 
 
 def describe() -> str:

@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from .distributed import unwrap_model
+
 
 class ModelEMA:
     """Keeps ``ema = d * ema + (1 - d) * model`` for every floating-point parameter and buffer,
@@ -47,17 +49,6 @@ class ModelEMA:
         self.step = state["step"]
         self.decay = state["decay"]
         self._plan = None  # the loaded average may differ from the model's frozen parameters
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _signature(model: nn.Module) -> tuple:

@@ -1,22 +1,38 @@
-"""One optimisation step, one training epoch, one evaluation pass."""
+"""The training loop both trainers run (train.py: the REC model, pretrain.py: the detector), and
+the REC model's evaluation.
+
+A trainer gives :func:`fit` a :class:`TrainState` (model, optimizer, schedule, EMA, counters), the
+training loader and a ``losses(batch)`` function returning a dict with a scalar ``'loss'`` and its
+logged parts; :func:`fit` runs the epochs, saves checkpoints atomically, stops cleanly on Ctrl-C or
+SIGTERM and resumes exactly where a saved run stopped.
+"""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from torchvision.ops import box_iou
+from tqdm import tqdm
 
 from datasets import letterbox_to_original
+from models.box_prediction import cell_box
 from models.detector_cache import DetectorCache
-from models.head import cell_box
 
 from . import distributed as dist_utils
-from .ema import ModelEMA, unwrap_model
+from .checkpoint import restore_training_state, rng_state, save_atomic
+from .distributed import unwrap_model
+from .ema import ModelEMA
+from .optim import Recipe, build_optimizer, build_scheduler
+
+Losses = Callable[[dict], dict[str, torch.Tensor]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,42 +78,22 @@ def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, sc
         ema.update(model)
 
 
+def rec_losses(model: nn.Module, batch: dict, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The REC model's training forward on a prepared batch: ``'loss'`` and its parts. A model that
+    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``."""
+    targets = {"targets": batch["box"]} if getattr(unwrap_model(model), "supervised", False) else {}
+    with autocast(device, amp):
+        return model(batch["image"], batch["refs"], batch.get("detections"), **targets)
+
+
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                scheduler, ema: ModelEMA | None, scaler: torch.amp.GradScaler | None,
                grad_clip: float, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Forward, then :func:`optimize`. Returns the loss parts as detached tensors (no host sync
-    here: the caller decides when to read them). A model that declares ``supervised = True`` also
-    gets the boxes, ``targets=batch["box"]``."""
-    targets = {"targets": batch["box"]} if getattr(unwrap_model(model), "supervised", False) else {}
-    with autocast(device, amp):
-        out = model(batch["image"], batch["refs"], batch.get("detections"), **targets)
+    """One REC step outside :func:`fit`: :func:`rec_losses`, then :func:`optimize`. Returns the loss
+    parts as detached tensors (no host sync)."""
+    out = rec_losses(model, batch, amp, device)
     optimize(out["loss"], optimizer, scheduler, scaler, grad_clip, ema, model)
     return {k: v.detach().float() for k, v in out.items()}
-
-
-def check_finite(parts: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-    values = {k: float(v) for k, v in parts.items()}
-    if not math.isfinite(values["loss"]):
-        raise NonFiniteLossError(f"the loss is {values['loss']} at step {step} (parts: {values}); "
-                                 "the last checkpoint is kept. Lower LR, raise GRAD_NORM_CLIP's strictness, "
-                                 "or switch AMP to 'bf16' or 'none'")
-    return values
-
-
-class StopRequest:
-    """Set by the first Ctrl-C (SIGINT) or SIGTERM: the loop finishes its step, then stops so the
-    caller can save a consistent checkpoint. A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        def handler(signum, frame):
-            if self.requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.requested = True
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
 
 
 def prepare_batch(model: nn.Module, batch: dict, device: torch.device, channels_last: bool = False,
@@ -113,51 +109,225 @@ def prepare_batch(model: nn.Module, batch: dict, device: torch.device, channels_
     return batch
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer, scheduler, ema, scaler, cfg,
-                    device: torch.device, step: int,
-                    on_log: Callable[[int, dict[str, float]], None] | None = None,
-                    progress=None, stop: StopRequest | None = None,
-                    detector_cache: DetectorCache | None = None) -> int:
-    """Runs the batches of one epoch (or until ``stop`` is requested); returns the global step.
+@dataclass
+class TrainState:
+    """What a run changes as it goes: the model (unwrapped), its optimizer, schedule, EMA and
+    gradient scaler, and the counters that ``--resume`` restores. ``epoch`` counts finished
+    epochs, ``batch_in_epoch`` the batches done of the next one (non-zero in a mid-epoch save)."""
 
-    Losses stay on the device between log points: every PRINT_FREQ steps, and at the end, they
-    are read back in one go, checked for NaN/inf (:class:`NonFiniteLossError` names the first bad
-    step) and the last one is passed to ``on_log`` with the learning rate and throughput."""
-    model.train()
-    pending: list[dict[str, torch.Tensor]] = []
-    tick, samples = time.perf_counter(), 0
-    for batch in batches:
-        batch = prepare_batch(model, batch, device, cfg.CHANNELS_LAST, detector_cache, cfg.AMP)
-        pending.append(train_step(model, batch, optimizer, scheduler, ema, scaler, cfg.GRAD_NORM_CLIP,
-                                  cfg.AMP, device))
-        step += 1
-        samples += batch["image"].shape[0]
-        if progress is not None:
-            progress.update(1)
-        if step % cfg.PRINT_FREQ == 0:
-            _report(pending, step, samples / (time.perf_counter() - tick), optimizer, on_log, progress)
-            tick, samples = time.perf_counter(), 0
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: ModelEMA | None = None
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+
+    @classmethod
+    def create(cls, model: nn.Module, recipe: Recipe, steps_per_epoch: int, amp: str,
+               device: torch.device) -> "TrainState":
+        """A fresh state for ``model`` (already on ``device``) trained by ``recipe``."""
+        optimizer = build_optimizer(model, recipe)
+        return cls(model, optimizer, build_scheduler(optimizer, steps_per_epoch, recipe),
+                   ModelEMA(model, recipe.ema_decay) if recipe.ema else None,
+                   torch.amp.GradScaler(device.type) if amp == "fp16" else None)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and ship: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpoint(self, **extra) -> dict:
+        """Everything ``--resume`` needs to continue exactly, ``state_dict`` the weights to evaluate,
+        plus ``extra`` (format, config, vocabulary)."""
+        weights = self.model.state_dict()
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "state_dict": self.eval_model.state_dict() if self.ema is not None else weights,
+                "model": weights, "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "lr": self.optimizer.param_groups[0]["lr"], "best_acc": self.best_acc, "rng": rng_state(),
+                **extra}
+
+    def restore(self, ckpt: dict, path: str) -> None:
+        """Weights, optimizer, schedule, EMA, scaler, generators and counters of checkpoint ``path``."""
+        restore_training_state(ckpt, path, self.model, self.ema, self.optimizer, self.scheduler, self.scaler)
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.batch_in_epoch, self.best_acc = ckpt.get("batch_in_epoch", 0), ckpt.get("best_acc", -1.0)
+
+
+class MetricLogger:
+    """What a training loop reports, in one place (after torchvision's references): the progress bar,
+    the read-back of the loss parts every ``print_freq`` steps and at the end of an epoch (losses stay
+    on the device in between: one host sync per read-back), the NaN/inf check of every step read
+    back, the log line and the TensorBoard scalars. Quiet on processes other than the main one."""
+
+    def __init__(self, print_freq: int, log_dir: str | None, log: Callable[[str], None], tag: str = "train"):
+        self.print_freq, self.log, self.tag = print_freq, log, tag
+        self.enabled = dist_utils.is_main()
+        self.writer = SummaryWriter(log_dir) if log_dir and self.enabled else None
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._bar: tqdm | None = None
+        self._tick, self._samples = time.perf_counter(), 0
+
+    def iterate(self, batches: Iterable[dict], header: str) -> Iterator[dict]:
+        """``batches`` behind a progress bar."""
+        self._bar = tqdm(batches, total=len(batches), desc=header, disable=not self.enabled,
+                         dynamic_ncols=True, leave=False)
+        self._tick, self._samples = time.perf_counter(), 0
+        try:
+            yield from self._bar
+        finally:
+            self._bar.close()
+
+    def update(self, step: int, parts: dict[str, torch.Tensor], samples: int, lr: float) -> None:
+        """Record one step's detached loss parts; read back and report every ``print_freq`` steps."""
+        self._pending.append(parts)
+        self._samples += samples
+        if step % self.print_freq == 0:
+            self.flush(step, lr)
+
+    def flush(self, step: int, lr: float) -> None:
+        """Read back the pending steps, check them, and report the last one."""
+        if not self._pending:
+            return
+        first = step - len(self._pending) + 1
+        for i, parts in enumerate(self._pending):
+            values = {k: float(v) for k, v in parts.items()}
+            if not math.isfinite(values["loss"]):
+                raise NonFiniteLossError(f"the loss is {values['loss']} at step {first + i} (parts: {values}); "
+                                         "the last checkpoint is kept. Lower the learning rate, clip gradients "
+                                         "harder, or switch AMP to 'bf16' or 'none'")
+        self._pending.clear()
+        rate = self._samples / max(time.perf_counter() - self._tick, 1e-9)
+        self._tick, self._samples = time.perf_counter(), 0
+        values.update(lr=lr, samples_per_s=rate)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        self.log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        for key, value in values.items():
+            self.scalar(f"{self.tag}/{key}", value, step)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def image(self, name: str, image_hwc, step: int) -> None:
+        """An RGB uint8 ``[H, W, 3]`` image to TensorBoard."""
+        if self.writer is not None:
+            self.writer.add_image(name, image_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StopRequest:
+    """Set by the first Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler sends): the loop
+    finishes its step, then stops so that a consistent checkpoint can be saved. A second Ctrl-C
+    interrupts at once. Use as a context manager: the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self) -> "StopRequest":
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = signum
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def train_one_epoch(state: TrainState, batches: Iterable[dict], losses: Losses, logger: MetricLogger,
+                    grad_clip: float, stop: StopRequest | None = None) -> None:
+    """The batches of one epoch (or until ``stop`` is requested): ``losses(batch)``, then
+    :func:`optimize`; ``state.step`` and ``state.batch_in_epoch`` count the steps done."""
+    state.model.train()
+    for batch in logger.iterate(batches, f"epoch {state.epoch + 1}"):
+        parts = losses(batch)
+        optimize(parts["loss"], state.optimizer, state.scheduler, state.scaler, grad_clip, state.ema, state.model)
+        state.step += 1
+        state.batch_in_epoch += 1
+        logger.update(state.step, {k: v.detach().float() for k, v in parts.items()}, len(batch["image"]),
+                      state.optimizer.param_groups[0]["lr"])
         if stop is not None and stop.requested:
             break
-    if pending:
-        _report(pending, step, samples / max(time.perf_counter() - tick, 1e-9), optimizer, on_log, progress)
-    return step
+    logger.flush(state.step, state.optimizer.param_groups[0]["lr"])
 
 
-def _report(pending: list, step: int, rate: float, optimizer, on_log, progress) -> None:
-    for i, parts in enumerate(pending):
-        values = check_finite(parts, step - len(pending) + i + 1)
-    pending.clear()
-    values.update(lr=optimizer.param_groups[0]["lr"], samples_per_s=rate)
-    if progress is not None:
-        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                             samples_s=f"{rate:.1f}")
-    if on_log is not None:
-        on_log(step, values)
+@dataclass
+class Run:
+    """Where and how long :func:`fit` trains. ``validate(model)`` scores the evaluation weights after
+    an epoch (None: no validation); ``extra`` goes into every checkpoint."""
+
+    folder: str
+    epochs: int
+    seed: int
+    grad_clip: float
+    log: Callable[[str], None]
+    extra: dict = field(default_factory=dict)
+    validate: Callable[[nn.Module], float] | None = None
+    validate_every: int = 1
+
+
+def fit(state: TrainState, loader, losses: Losses, logger: MetricLogger, run: Run) -> int:
+    """Trains from ``state`` to ``run.epochs``, writing ``last.pth`` after each epoch (and ``best.pth``
+    when validation improves) into ``run.folder``, atomically. On Ctrl-C or SIGTERM the current step
+    finishes, ``last.pth`` is saved where the run stopped and ``128 + signal`` is returned; 0 when
+    done. :class:`NonFiniteLossError` propagates, the last checkpoint kept."""
+    last_path = os.path.join(run.folder, "last.pth")
+    with StopRequest() as stop:
+        while state.epoch < run.epochs:
+            loader.sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            if state.batch_in_epoch == 0:
+                # Each epoch's random draws depend on (seed, epoch, rank) only, so resuming at an
+                # epoch boundary needs no saved generator state.
+                torch.manual_seed(run.seed + 1000 * state.epoch + dist_utils.rank())
+            train_one_epoch(state, loader, losses, logger, run.grad_clip, stop)
+            if stop.requested:
+                _save(state.checkpoint(**run.extra), last_path, run.log)
+                run.log(f"stopped on request; continue with --resume {last_path}")
+                return 128 + stop.signal
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            improved = False
+            if run.validate is not None and (state.epoch % run.validate_every == 0 or state.epoch == run.epochs):
+                acc = run.validate(state.eval_model)
+                improved = acc > state.best_acc
+                state.best_acc = max(state.best_acc, acc)
+            ckpt = state.checkpoint(**run.extra)
+            _save(ckpt, last_path, run.log)
+            if improved:
+                _save(ckpt, os.path.join(run.folder, "best.pth"), run.log)
+            dist_utils.barrier()
+    return 0
+
+
+def _save(ckpt: dict, path: str, log: Callable[[str], None]) -> None:
+    """Rank 0 writes; a failed write names the file and leaves the previous one intact."""
+    if not dist_utils.is_main():
+        return
+    try:
+        save_atomic(ckpt, path)
+    except OSError as err:
+        raise OSError(f"could not write checkpoint {path} ({err}); any earlier file there is intact") from err
+    log(f"saved {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+def model_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
     """Boxes ``[B,4]`` (x1, y1, x2, y2) in original image pixels."""
     with autocast(device, amp):
         boxes = model(batch["image"], batch["refs"], batch.get("detections"))
@@ -198,7 +368,7 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
-             channels_last: bool = False, progress=None, predictor: Callable = predict,
+             channels_last: bool = False, progress=None, predictor: Callable = model_boxes,
              detector_cache: DetectorCache | None = None) -> dict[str, float]:
     """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
     counts are summed, so each sample is counted exactly once. ``predictor(model, batch, amp,

@@ -28,11 +28,10 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, tokenize
-from .checkpoint import load_checkpoint
-from .config import Config
+from datasets import DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, normalize, tokenize
+from .checkpoint import config_from_checkpoint, load_checkpoint, model_for_evaluation
+from .config import Config, load_config
 from .distributed import local_device
-from .inference import config_from_checkpoint, model_for_evaluation
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -103,17 +102,20 @@ class Predictor:
         self.vocab = list(vocab)
         self.token_to_ix = {token: i for i, token in enumerate(vocab)}
         self.size = cfg.INPUT_SHAPE[0]
-        self.mean = torch.tensor(cfg.MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.STD, device=device).view(1, 3, 1, 1)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | torch.device | None = None) -> "Predictor":
-        """The model of a checkpoint written by train.py (its config and vocabulary come with it);
-        ``device``: 'cpu', 'cuda', 'cuda:N' (default: CUDA when present)."""
+    def from_checkpoint(cls, path: str, device: str | torch.device | None = None, config: str | None = None,
+                        overrides: Sequence[str] = (), allow_config_change: bool = False) -> "Predictor":
+        """The model of a checkpoint written by train.py (its vocabulary comes with it, and its config
+        unless ``config``, a YAML file, is given; ``overrides`` apply either way, and a change to what
+        the model computes is an error unless ``allow_config_change``); ``device``: 'cpu', 'cuda',
+        'cuda:N' (default: CUDA when present)."""
         ckpt = load_checkpoint(path, "weights")
-        cfg = config_from_checkpoint(ckpt, path)
+        trained = config_from_checkpoint(ckpt, path, None if config else list(overrides))
+        cfg = load_config(config, list(overrides)) if config else trained
         device = local_device(str(device) if device is not None else None)
-        return cls(model_for_evaluation(path, cfg, ckpt["vocab"], device, ckpt), cfg, ckpt["vocab"], device)
+        model = model_for_evaluation(path, cfg, ckpt["vocab"], device, allow_config_change, ckpt)
+        return cls(model, cfg, ckpt["vocab"], device)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], expressions: str | Sequence[str],
                 topk: int = 0, batch_size: int = 16) -> list[Prediction]:
@@ -150,12 +152,11 @@ class Predictor:
             if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
                 raise DataError(f"an image array must be BGR uint8 [H, W, 3], got {bgr.dtype} {list(bgr.shape)}")
             square, geometry = letterbox_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size)
-            squares.append(torch.from_numpy(square))
+            squares.append(normalize(square, self.cfg.MEAN, self.cfg.STD))
             infos.append(geometry + (0,))
         order = list(unique)
         inverse = torch.tensor([order.index(key) for key in keys], device=self.device)
-        pixels = torch.stack(squares).to(self.device).permute(0, 3, 1, 2).float().div(255)
-        pixels = (pixels - self.mean) / self.std  # [U, 3, S, S], one per distinct image
+        pixels = torch.stack(squares).to(self.device)  # [U, 3, S, S], one per distinct image
         info = torch.tensor(infos, dtype=torch.float64, device=self.device)[inverse]  # [B, 7]
         refs = self._encode(expressions)  # [B, 1, T]
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_iou
 
 from datasets import FirstExpression, RefDataset
-from .engine import gt_xyxy, predict, to_device
+from .engine import gt_xyxy, model_boxes, to_device
 
 # BGR
 GROUND_TRUTH = (0, 190, 0)
@@ -205,7 +205,7 @@ def evaluate_samples(model: torch.nn.Module, dataset: RefDataset, indices: Seque
     samples = []
     for batch in DataLoader(Subset(FirstExpression(dataset), list(indices)), batch_size=batch_size):
         batch = to_device(batch, device)
-        preds = predict(model, batch, amp, device)
+        preds = model_boxes(model, batch, amp, device)
         gts = gt_xyxy(batch["gt_box"])
         ious = box_iou(preds, gts).diagonal().tolist()
         for index, pred, gt, iou in zip(batch["index"].tolist(), preds.cpu().numpy(), gts.cpu().numpy(), ious):

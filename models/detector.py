@@ -2,7 +2,7 @@
 
 The layer list has 38 entries whose indices are part of the pretrained
 weight-file format (``module_list.<i>`` in the reference's naming, see
-``models/checkpoint.py``), so the network is kept as one indexed list and the
+``models/reference_keys.py``), so the network is kept as one indexed list and the
 routing between entries is spelled out in ``forward``.
 """
 from __future__ import annotations

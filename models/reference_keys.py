@@ -3,16 +3,13 @@
 Checkpoints trained by the reference code, and its pretrained YOLOv3 weight
 files, use names such as ``process_model.inpu.weight`` or
 ``module_list.19.Feature_adaption.dconv.weight``. The modules here use
-descriptive names; ``to_ours`` / ``to_reference`` translate whole keys, and
-the loaders below accept the reference's files and report every key that
-does not fit instead of skipping it.
+descriptive names; ``to_ours`` / ``to_reference`` translate whole keys. The
+loaders that read the reference's files with this mapping, and report every
+key that does not fit, are in ``utils/checkpoint.py``.
 """
 from __future__ import annotations
 
-import os
 import re
-import warnings
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -119,69 +116,11 @@ def to_reference(key: str, module: str | None = None) -> str:
     return _convert(key, False, module)
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A state dict that does not fit the model (another config, another model, a damaged file)."""
-
-
-def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
-    """Accept a raw state dict or a checkpoint dict holding one; drop DDP's ``module.`` prefix."""
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping):
-        raise CheckpointMismatchError(f"expected a state dict, got {type(obj).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-
-
-def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` that reports every missing, unexpected and mis-shaped key at once."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(expected[k].shape)} in the model"
-              for k in sorted(set(expected) & set(state_dict))
-              if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not fit the model (was it made with another config?)"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + "\n    ".join([""] + shown))
-        raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
-
-
-def load_reference_state_dict(model: nn.Module, state_dict: Mapping) -> None:
-    """Load a state dict in the reference's naming (raw, or a checkpoint holding ``'state_dict'``,
-    with or without DDP's ``module.`` prefix) into ``model``. Nothing is skipped: any key that is
-    missing, unexpected or of another shape raises :class:`CheckpointMismatchError`."""
-    weights = {to_ours(k): v for k, v in unwrap_state_dict(state_dict).items()}
-    load_matching(model, weights, "the reference state dict")
+def detector_weight_file_state_dict(visual_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The visual encoder's weights with the keys of the reference's detector weight files."""
+    return {to_reference(k, module="visual_encoder"): v for k, v in visual_encoder.state_dict().items()}
 
 
 def reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` in the reference's naming (what the reference code would save)."""
     return {to_reference(k): v for k, v in model.state_dict().items()}
-
-
-def load_pretrained_backbone(visual_encoder: nn.Module, path: str) -> None:
-    """Load a detector weight file (the reference's ``yolov3_coco.pth`` keys) into the visual encoder.
-
-    ``'none'`` keeps random weights, with a warning. A missing file or keys that do not fit raise.
-    """
-    if path.lower() == "none":
-        warnings.warn("PRETRAIN_WEIGHT is 'none': the frozen detector keeps random weights, so its "
-                      "anchors are meaningless; use this only for tests and benchmarks", stacklevel=2)
-        return
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"detector weights not found: {path} (set PRETRAIN_WEIGHT to the "
-                                "yolov3 weight file, or 'none' for random weights)")
-    raw = unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    weights = {to_ours(k, module="visual_encoder"): v for k, v in raw.items()}
-    load_matching(visual_encoder, weights, f"PRETRAIN_WEIGHT {path}")
-
-
-def detector_weight_file_state_dict(visual_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """The visual encoder's weights with the keys of the reference's detector weight files."""
-    return {to_reference(k, module="visual_encoder"): v for k, v in visual_encoder.state_dict().items()}

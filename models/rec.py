@@ -9,12 +9,13 @@ from torch import nn
 
 from .alignment import VisualAlignment
 from .apl import AnchorPrompts, TextReconstruction
+from .box_prediction import cell_boxes
 from .cma import CrossModalityAttention
+from .detector import YOLOv3
 from .detector_cache import Detections
 from .fusion import MultiScaleFusion
-from .head import cell_boxes, rec_loss
 from .language_encoder import LanguageEncoder
-from .visual_encoder import YOLOv3
+from .loss import rec_loss
 
 
 class REC(nn.Module):
