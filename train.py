@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     vocab = train_set.vocab
     vectors = load_word_vectors(cfg, vocab, cfg.ann_path) if cfg.USE_GLOVE else None
 
-    model = build_model(cfg, vectors, len(vocab))
+    model = build_model(cfg, vectors, len(vocab), vocab)
     load_pretrained_backbone(model.visual_encoder, cfg.PRETRAIN_WEIGHT)
     model.to(device)
     if cfg.CHANNELS_LAST:

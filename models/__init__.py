@@ -1,5 +1,7 @@
-"""The weakly supervised REC model, the supervised student, the frozen detector and their losses."""
+"""The weakly supervised REC model, the supervised student, their frozen detector and their losses."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -10,8 +12,11 @@ from .student import Student
 __all__ = ["REC", "Student", "DetectorCache", "build_model"]
 
 
-def build_model(cfg, pretrained_emb: np.ndarray | None, token_size: int) -> REC | Student:
+def build_model(cfg, pretrained_emb: np.ndarray | None, token_size: int,
+                vocab: Sequence[str] | None = None) -> REC | Student:
     """The model ``cfg.ARCH`` names; ``pretrained_emb`` is ``[token_size, WORD_EMBED_SIZE]``
-    (used when ``USE_GLOVE``). Detector weights are loaded separately
-    (``utils.checkpoint.load_pretrained_backbone``)."""
-    return (Student if cfg.ARCH == "student" else REC)(cfg, pretrained_emb, token_size)
+    (used when ``USE_GLOVE``); ``vocab``, the tokens by id, is needed by APL's colour and category
+    prompts. Detector weights are loaded separately (``utils.checkpoint.load_pretrained_backbone``)."""
+    if cfg.ARCH == "student":
+        return Student(cfg, pretrained_emb, token_size)
+    return REC(cfg, pretrained_emb, token_size, vocab)

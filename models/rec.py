@@ -1,10 +1,14 @@
 """The weakly supervised REC model: frozen detector anchors ranked against the expression."""
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import numpy as np
 import torch
 from torch import nn
 
+from .alignment import VisualAlignment
+from .apl import AnchorPrompts, TextReconstruction
 from .box_prediction import cell_boxes
 from .cma import CrossModalityAttention
 from .detector import YOLOv3
@@ -18,12 +22,15 @@ class REC(nn.Module):
     """``forward(images [B,3,S,S], refs [B,E,T], detections=None)``; ``detections``, what
     :meth:`detect` gives for ``images``, skips the detector (a :class:`DetectorCache` supplies them).
 
-    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``).
+    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``; APL's ``recon``,
+    ``align``, ``align_iou``, ``align_obj``, ``align_l1``).
     Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels, the
-    best-ranked candidate (:meth:`rank`) for the first expression of each sample.
+    best-ranked candidate (:meth:`rank`) for the first expression of each sample (with APL's
+    alignment head and APL_ALIGN_PREDICT, the head's most confident box).
     """
 
-    def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int):
+    def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int,
+                 vocab: Sequence[str] | None = None):
         super().__init__()
         self.select_num = cfg.SELECT_NUM
         self.fns_weight = cfg.FNS_WEIGHT
@@ -46,9 +53,21 @@ class REC(nn.Module):
         self.cma = (CrossModalityAttention(s32, hidden, cfg.DROPOUT_R, cfg.CMA_ATTENTION)
                     if cfg.USE_CMA else None)
         self.cma_pairwise = cfg.CMA_CONDITION == "query"
+        # APL (models/apl.py, models/alignment.py): prompts fused into the anchor embeddings, a
+        # reconstruction loss, a box head trained on the model's own answers.
+        self.prompts = None
+        if cfg.APL_POSITION_PROMPT or cfg.APL_COLOUR_PROMPT or cfg.APL_CATEGORY_PROMPT:
+            if vocab is None and (cfg.APL_COLOUR_PROMPT or cfg.APL_CATEGORY_PROMPT):
+                raise ValueError("APL's colour and category prompts need the vocabulary (build_model(..., vocab=))")
+            self.prompts = AnchorPrompts(cfg, vocab or (), pretrained_emb, token_size)
+        self.recon_weight = cfg.APL_RECON_WEIGHT
+        self.reconstruction = TextReconstruction(hidden, cfg.APL_RECON_ANCHOR) if self.recon_weight else None
+        self.alignment = VisualAlignment(s32, hidden, cfg.APL_ALIGN_BURN_IN) if cfg.APL_ALIGNMENT else None
+        self.align_predict = cfg.APL_ALIGN_PREDICT
         # Parameters the reference owns but never runs: kept for its checkpoints, and marked
         # untrainable so that DDP expects no gradient for them (the optimizer would skip them anyway).
-        unused = [self.fusion.mid_proj, self.fusion.bot_proj] + ([self.anchor_proj] if self.cma else [])
+        unused = (([self.fusion.mid_proj, self.fusion.bot_proj] if self.alignment is None else [])
+                  + ([self.anchor_proj] if self.cma else []))
         for module in unused:
             module.requires_grad_(False)
 
@@ -60,14 +79,31 @@ class REC(nn.Module):
 
     def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None):
         if not self.training:
+            if not self.ranks_anchors:
+                return self.alignment.decode(self._align(self._embed(images, refs[:, :1], detections, False)))
             similarities, candidates = self.rank(images, refs, detections)
             best = similarities.argmax(dim=1)
             return candidates[torch.arange(candidates.shape[0], device=best.device), best][:, None]
         if images.shape[0] < 2:
             raise ValueError(f"training needs at least 2 samples per batch (got {images.shape[0]}): the "
                              "contrastive loss has no negatives otherwise; drop the last incomplete batch")
-        anchors, texts, _ = self._embed(images, refs, detections, pairwise=self.cma_pairwise)
-        return rec_loss(anchors, texts, self.fns_weight, self.er_weight)
+        embedded = self._embed(images, refs, detections, pairwise=self.cma_pairwise)
+        out = rec_loss(embedded.anchors, embedded.texts, self.fns_weight, self.er_weight)
+        if self.reconstruction is not None:
+            out["recon"] = self.reconstruction(_own_image(embedded.visual), embedded.texts)
+            out["loss"] = out["loss"] + self.recon_weight * out["recon"]
+        if self.alignment is not None:
+            gated, parts = self.alignment.loss(self._align(embedded), _own_image(embedded.anchors),
+                                               embedded.texts[:, 0], embedded.anchor_boxes, images.shape[-1])
+            out["loss"] = out["loss"] + gated
+            out.update(parts)
+        return out
+
+    @property
+    def ranks_anchors(self) -> bool:
+        """Whether the evaluation answer is the best-ranked candidate (:meth:`rank`); not when APL's
+        alignment head answers (APL_ALIGN_PREDICT)."""
+        return self.alignment is None or not self.align_predict
 
     def rank(self, images: torch.Tensor, refs: torch.Tensor,
              detections: Detections | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +112,19 @@ class REC(nn.Module):
         Returns the anchor-text similarities ``[B,K]`` (dot products; their softmax over K is the
         probability of each candidate) and the candidates' boxes ``[B,K,5]`` (x1, y1, x2, y2,
         objectness: each selected cell's most confident box) in letterboxed pixels."""
-        anchors, texts, anchor_boxes = self._embed(images, refs[:, :1], detections, pairwise=False)
-        return torch.einsum("bkd,bd->bk", anchors, texts[:, 0]), cell_boxes(anchor_boxes)
+        embedded = self._embed(images, refs[:, :1], detections, pairwise=False)
+        return (torch.einsum("bkd,bd->bk", embedded.anchors, embedded.texts[:, 0]),
+                cell_boxes(embedded.anchor_boxes))
 
     def _embed(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None,
-               pairwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Anchors ``[B,K,D]`` (``[B_text,B_image,K,D]`` when ``pairwise``), texts ``[B,E,D]`` and the
-        selected cells' boxes ``[B,K,4,5+C]``."""
+               pairwise: bool) -> "Embedding":
+        """The anchors and expressions embedded (see :class:`Embedding`)."""
         b = images.shape[0]
         if refs.dim() != 3 or refs.shape[0] != b:
             raise ValueError(f"refs must be [B={b}, expressions, tokens], got {tuple(refs.shape)}")
         s32, s16, s8, boxes = detections if detections is not None else self.detect(images)
-        top = self.fusion(s8, s16, s32)  # [B, C, h, w]
+        maps = self.fusion(s8, s16, s32, all_scales=self.alignment is not None)
+        top = maps[-1] if self.alignment is not None else maps  # [B, C, h, w]
 
         pooled, _ = self.language_encoder(refs.flatten(0, 1))
         pooled = pooled.view(b, refs.shape[1], -1)  # [B, E, D]
@@ -98,7 +135,15 @@ class REC(nn.Module):
             anchors = self.cma.anchors(top, pooled[:, 0], cells, pairwise=pairwise)
         else:
             anchors = self.anchor_proj(_gather_cells(top.flatten(2).transpose(1, 2), cells))
-        return anchors, self.expr_proj(pooled), _gather_cells(boxes, cells)
+        anchor_boxes = _gather_cells(boxes, cells)
+        visual = anchors
+        if self.prompts is not None:
+            visual, anchors = self.prompts(anchors, images, anchor_boxes)
+        return Embedding(anchors, self.expr_proj(pooled), anchor_boxes, visual, pooled, maps, cells)
+
+    def _align(self, embedded: "Embedding") -> torch.Tensor:
+        """APL's alignment head on the first expression: its raw output ``[B,h,w,5]``."""
+        return self.alignment(embedded.maps, _own_image(embedded.visual), embedded.cells, embedded.pooled[:, 0])
 
     def detect(self, images: torch.Tensor) -> Detections:
         """The detector's stride 32, 16 and 8 feature maps and its stride-32 boxes
@@ -117,6 +162,31 @@ class REC(nn.Module):
         what the expression chooses among (text-blind baselines start from here)."""
         boxes = (detections if detections is not None else self.detect(images))[3]
         return _gather_cells(boxes, self.select_cells(boxes))
+
+
+class Embedding(NamedTuple):
+    """What :meth:`REC._embed` computes. ``anchors`` ``[B,K,D]`` (``[B_text,B_image,K,D]`` when
+    conditioned per expression) are what the expressions ``texts`` ``[B,E,D]`` are scored against;
+    ``visual`` the same before APL's tag score is added (``anchors`` itself without prompts);
+    ``anchor_boxes`` ``[B,K,4,5+C]`` the selected ``cells``' ``[B,K]`` boxes; ``pooled`` ``[B,E,D]``
+    the language encoder's output; ``maps`` the fused stride-32 map, or with APL's alignment the
+    fused stride 8, 16 and 32 maps."""
+    anchors: torch.Tensor
+    texts: torch.Tensor
+    anchor_boxes: torch.Tensor
+    visual: torch.Tensor
+    pooled: torch.Tensor
+    maps: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    cells: torch.Tensor
+
+
+def _own_image(anchors: torch.Tensor) -> torch.Tensor:
+    """``[B,K,D]``, or each image as its own expression sees it when conditioned per text
+    (``[B_text, B_image, K, D]``)."""
+    if anchors.dim() == 3:
+        return anchors
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    return anchors[rows, rows]
 
 
 def _gather_cells(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

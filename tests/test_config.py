@@ -2,7 +2,8 @@ import pytest
 
 from utils.config import ConfigError, default_config, load_config, parse_override
 
-CONFIGS = ["refcoco", "refcoco+", "refcocog", "referit", "refclip"]
+CONFIGS = ["refcoco", "refcoco+", "refcocog", "referit", "refclip",
+           "apl_refcoco", "apl_refcoco+", "apl_refcocog", "apl_referit"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -40,7 +40,7 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
          "INPUT_SHAPE=[96, 96]", "SELECT_NUM=4", "BATCH_SIZE=4", "NUM_WORKER=0"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert diagnosis.returncode == 0, diagnosis.stderr[-3000:]
-    name, n, acc, ceiling = diagnosis.stdout.strip().splitlines()[-1].split()
+    name, n, ceiling, acc = diagnosis.stdout.strip().splitlines()[-1].split()
     assert name == "all" and int(n) == results["val"]["n"]
     assert abs(float(acc) - results["val"]["acc"]) < 0.01
     assert float(acc) <= float(ceiling)

@@ -1,5 +1,6 @@
 """Ablation of the ACCV 2024 components on one config: RefCLIP, +CMA, +FNS, +ER, full (and the CMA rows
-again with CMA_CONDITION=query).
+again with CMA_CONDITION=query); then APL's parts on RefCLIP: +position, +colour, +category prompts,
++recon(struction), +alignment, and all of them (apl).
 
     python -m tools.ablation --config config/synthetic.yaml [KEY=VALUE ...]
 
@@ -21,15 +22,29 @@ from utils.config import load_config
 
 # Each variant adds one component to RefCLIP (one expression per sample, contrastive loss only);
 # 'full' is the ACCV 2024 model: all three, three expressions per sample. The '-query' rows condition
-# the CMA on the expression being scored instead of the image's own (CMA_CONDITION).
+# the CMA on the expression being scored instead of the image's own (CMA_CONDITION). The APL rows add
+# one part of APL (ECCV 2024) each to RefCLIP, 'apl' all of them (the config's DETECTOR_CLASS_NAMES
+# and APL_ALIGN_BURN_IN apply).
+REFCLIP = ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"]
+APL_OFF = ["APL_POSITION_PROMPT=false", "APL_COLOUR_PROMPT=false", "APL_CATEGORY_PROMPT=false",
+           "APL_RECON_WEIGHT=0.0", "APL_ALIGNMENT=false"]
 VARIANTS = {
-    "refclip": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
-    "+cma": ["USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
-    "+fns": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.0"],
-    "+er": ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.1"],
-    "full": ["USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
-    "+cma-query": ["USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
-    "full-query": ["USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
+    "refclip": [*APL_OFF, *REFCLIP],
+    "+cma": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
+    "+fns": [*APL_OFF, "USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.0"],
+    "+er": [*APL_OFF, "USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.1"],
+    "full": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"],
+    "+cma-query": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=1", "FNS_WEIGHT=0.0",
+                   "ER_WEIGHT=0.0"],
+    "full-query": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=3", "FNS_WEIGHT=0.1",
+                   "ER_WEIGHT=0.1"],
+    "+position": [*APL_OFF, *REFCLIP, "APL_POSITION_PROMPT=true"],
+    "+colour": [*APL_OFF, *REFCLIP, "APL_COLOUR_PROMPT=true"],
+    "+category": [*APL_OFF, *REFCLIP, "APL_CATEGORY_PROMPT=true"],
+    "+recon": [*APL_OFF, *REFCLIP, "APL_RECON_WEIGHT=1.0"],
+    "+alignment": [*APL_OFF, *REFCLIP, "APL_ALIGNMENT=true"],
+    "apl": [*REFCLIP, "APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PROMPT=true",
+            "APL_RECON_WEIGHT=1.0", "APL_ALIGNMENT=true"],
 }
 
 
@@ -41,9 +56,12 @@ def run(script: str, *args: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config/synthetic.yaml")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset, in order")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     cfg = load_config(args.config, args.overrides)
     folder = os.path.join(cfg.LOG_PATH, "ablation")
     table = {}

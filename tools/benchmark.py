@@ -2,11 +2,13 @@
 against the frozen detector's forward, the floor under every step.
 
     python -m tools.benchmark [--device cpu|cuda] [--batch N] [--size 416] [--amp none|bf16|fp16]
-                              [--channels-last] [--compile] [--runs 7] [--workers N] [KEY=VALUE ...]
+                              [--channels-last] [--compile] [--runs 7] [--workers N]
+                              [--compare config/refclip.yaml,config/apl_refcoco.yaml] [KEY=VALUE ...]
 
 The model is the refcoco one (``--config``, KEY=VALUE overrides as in train.py) with random
-weights, fed random images and random token ids; the loader part reads the synthetic dataset
-(``datasets/synthetic.py``), generated in a temporary folder. One JSON object is printed.
+weights, fed random images and random token ids; ``--compare`` times other configs' models the
+same way (RefCLIP, APL) and reports their ratios next to it. The loader part reads the synthetic
+dataset (``datasets/synthetic.py``), generated in a temporary folder. One JSON object is printed.
 
 What is timed, each after warm-up, as the median over ``--runs`` rounds:
 
@@ -42,7 +44,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from datasets.tokens import SPECIAL_TOKENS, tokenize
 from models import build_model
+from models.apl import APL_COLOURS
 from utils.config import Config, load_config
 from utils.ema import ModelEMA
 from utils.engine import autocast, train_step
@@ -67,15 +71,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader-batches", type=int, default=30,
                         help="batches timed in the loader part (0 skips it)")
     parser.add_argument("--config", default=os.path.join(ROOT, "config", "refcoco.yaml"))
+    parser.add_argument("--compare", default="",
+                        help="comma-separated configs timed the same way after --config, each reported by "
+                             "its ratios under 'compare' (e.g. config/refclip.yaml,config/apl_refcoco.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
 
-def model_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, [
+def model_config(args: argparse.Namespace, path: str | None = None) -> Config:
+    return load_config(path or args.config, [
         "PRETRAIN_WEIGHT=none", "USE_GLOVE=false", f"INPUT_SHAPE=[{args.size}, {args.size}]",
         f"BATCH_SIZE={args.batch}", f"AMP={args.amp}", f"CHANNELS_LAST={str(args.channels_last).lower()}",
         f"COMPILE={str(args.compile).lower()}", *args.overrides])
+
+
+def benchmark_vocab(cfg: Config) -> list[str]:
+    """VOCAB_SIZE tokens holding APL's colour words and the detector's class names (so that APL's
+    prompts look up real ids), then filler words."""
+    words = list(dict.fromkeys([*SPECIAL_TOKENS, *APL_COLOURS,
+                                *(token for name in cfg.DETECTOR_CLASS_NAMES for token in tokenize(name))]))
+    return words + [f"word{i}" for i in range(VOCAB_SIZE - len(words))]
 
 
 def random_batch(cfg: Config, batch: int, device: torch.device, generator: torch.Generator) -> dict:
@@ -136,7 +151,7 @@ def _best_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 def benchmark_model(cfg: Config, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(cfg.SEED)
-    model = build_model(cfg, None, VOCAB_SIZE).to(device)
+    model = build_model(cfg, None, VOCAB_SIZE, benchmark_vocab(cfg)).to(device)
     if cfg.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     ema = ModelEMA(model, cfg.EMA_DECAY)
@@ -287,6 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "torch": torch.__version__},
         **benchmark_model(cfg, args, device),
     }
+    result["compare"] = {}
+    for path in filter(None, args.compare.split(",")):
+        timed = benchmark_model(model_config(args, path), args, device)
+        result["compare"][os.path.relpath(os.path.abspath(path), ROOT)] = {
+            key: timed[key] for key in ("train_step_over_backbone", "eval_over_backbone", "samples_per_s",
+                                        "best_of_runs")}
     result["loader"] = benchmark_loader(args, device)
     if "samples_per_s" in result["loader"]:
         result["loader"]["over_train_step"] = round(

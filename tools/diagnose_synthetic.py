@@ -9,7 +9,9 @@ share whose referent is among the selected anchors at all -- the best any choice
 score, each cell giving its most confident box as the model does. A model near the ceiling needs a
 better detector; one far below it, a better ranking. A student (MODEL.ARCH: student) regresses its
 box and ranks no anchors: it has no ceiling ('-'). Only for data of ``datasets.synthetic``. The
-config is the checkpoint's unless ``--config`` is given, as in test.py.
+config is the checkpoint's unless ``--config`` is given, as in test.py. Several checkpoints are
+compared side by side (``--eval-weights`` repeated), each with its own config; the ceiling column is
+the first one's.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from datasets.synthetic import expression_kind
 from models.box_prediction import cell_box
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
+from utils.config import ConfigError
 from utils.distributed import local_device
 from utils.engine import gt_xyxy, model_boxes, to_device
 
@@ -33,10 +36,14 @@ from utils.engine import gt_xyxy, model_boxes, to_device
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: the one stored in the checkpoint)")
-    parser.add_argument("--eval-weights", required=True, help="checkpoint to diagnose")
+    parser.add_argument("--eval-weights", required=True, action="append",
+                        help="checkpoint to diagnose; repeat it to compare several")
+    parser.add_argument("--names", default=None, help="comma-separated column names, one per checkpoint "
+                        "(default: the checkpoints' folder names)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
-    parser.add_argument("--out-json", default="", help='also write {kind: {"n", "acc", "ceiling"}} here')
+    parser.add_argument("--out-json", default="", help='also write {kind: {"n", "acc", "ceiling"}} here (of one '
+                        'checkpoint; of several: {name: {kind: ...}})')
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
@@ -76,19 +83,25 @@ def _reachable(model, batch: dict, gt: torch.Tensor) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = evaluation_config(args.eval_weights, args.config, args.overrides)
+    names = (args.names.split(",") if args.names
+             else [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.eval_weights])
+    if len(names) != len(args.eval_weights):
+        raise ConfigError(f"--names gives {len(names)} names for {len(args.eval_weights)} checkpoints")
     device = local_device(args.device)
-    dataset = RefDataset(cfg, args.split)
-    model = model_for_evaluation(args.eval_weights, cfg, dataset.vocab, device)
-    rows = diagnose(model, dataset, cfg, device)
+    results = []
+    for path in args.eval_weights:
+        cfg = evaluation_config(path, args.config, args.overrides)
+        dataset = RefDataset(cfg, args.split)
+        results.append(diagnose(model_for_evaluation(path, cfg, dataset.vocab, device), dataset, cfg, device))
     if args.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
         with open(args.out_json, "w") as f:
-            json.dump(rows, f, indent=2)
-    print(f"{'expressions':<26}{'n':>6}{'Acc@0.5':>9}{'ceiling':>9}   ({args.split})")
-    for kind, row in rows.items():
+            json.dump(results[0] if len(results) == 1 else dict(zip(names, results)), f, indent=2)
+    print(f"{'expressions':<26}{'n':>6}{'ceiling':>9}" + "".join(f"{name:>12}" for name in names)
+          + f"   (Acc@0.5, {args.split})")
+    for kind, row in results[0].items():
         ceiling = "-" if row["ceiling"] is None else f"{row['ceiling']:.2f}"
-        print(f"{kind:<26}{row['n']:>6}{row['acc']:>9.2f}{ceiling:>9}")
+        print(f"{kind:<26}{row['n']:>6}{ceiling:>9}" + "".join(f"{result[kind]['acc']:>12.2f}" for result in results))
     return 0
 
 

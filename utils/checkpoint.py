@@ -205,7 +205,7 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
     file's contents when the caller has read it already."""
     if ckpt is None:
         ckpt = load_checkpoint(path, "evaluation weights")
-    model = build_model(cfg, None, len(vocab))
+    model = build_model(cfg, None, len(vocab), vocab)
     if ckpt.get("format") == FORMAT:
         if ckpt["vocab"] != list(vocab):
             raise CheckpointMismatchError(f"{path} was trained with a vocabulary of {len(ckpt['vocab'])} tokens that "

@@ -21,6 +21,19 @@ import yaml
 
 _DATASETS = ("refcoco", "refcoco+", "refcocog", "referit", "synthetic")
 
+# The 80 classes of the reference's COCO detector (yolov3_coco.pth), in its class order.
+COCO_CLASS_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+
 # section -> key -> (default, documentation). The defaults reproduce the
 # reference's config/refcoco.yaml; a dataset's YAML overrides what differs.
 SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
@@ -178,6 +191,31 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                          "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)"),
         "BOX_CENTER_RADIUS": (2.5, "student: cells whose centre lies within this many strides of the target's "
                               "centre are candidates, beside those inside the box (SimOTA's 2.5)"),
+        # APL (ECCV 2024), models/apl.py; every switch off is the model above, unchanged.
+        "DETECTOR_CLASS_NAMES": (COCO_CLASS_NAMES, "the detector's class names in its class order "
+                                 "(CLASS_NUM of them): the words of APL's category prompt. Words absent "
+                                 "from the dataset's vocabulary are UNK to the model"),
+        "APL_POSITION_PROMPT": (False, "APL position prompt: a sine embedding of each selected anchor's "
+                                "centre, fused into the anchor feature"),
+        "APL_COLOUR_PROMPT": (False, "APL colour prompt: the mean colour of each selected anchor's box as "
+                              "the nearest of APL's 13 colour words (a word absent from the vocabulary is UNK), "
+                              "a token of the anchor's tag"),
+        "APL_CATEGORY_PROMPT": (False, "APL category prompt: the name of the detector's most likely class "
+                                "of each selected anchor (DETECTOR_CLASS_NAMES), tokens of the anchor's tag. "
+                                "The tag (colour word, then class name) goes through a text encoder of "
+                                "the language encoder's shape, is fused into the anchor feature and its "
+                                "similarity to the expression is added to the anchor's score"),
+        "APL_RECON_WEIGHT": (0.0, "weight of APL's text reconstruction loss: the best anchor's embedding, "
+                             "decoded by an MLP, regresses the expression's embedding (MSE); APL: 1.0; "
+                             "0 disables it"),
+        "APL_RECON_ANCHOR": ("own", "which anchor reconstructs an expression: 'own', the best of its own "
+                             "image; 'batch_sum', ranked by its similarity summed over every image of the "
+                             "batch, as APL's code computes it"),
+        "APL_ALIGNMENT": (False, "APL visual alignment: a language-fused multi-scale neck and an "
+                          "anchor-free box head, trained on the weak model's own best-anchor boxes"),
+        "APL_ALIGN_BURN_IN": (0, "training steps before the alignment loss is added (APL's BURN_IN)"),
+        "APL_ALIGN_PREDICT": (True, "with APL_ALIGNMENT, evaluation boxes come from the alignment head, as "
+                              "in APL; false: from the anchor ranking, the head only adds its loss"),
     },
     "DISTRIBUTED": {
         "DIST_BACKEND": ("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
@@ -191,7 +229,9 @@ _SECTION_OF = {key: section for section, keys in SCHEMA.items() for key in keys}
 # evaluating a checkpoint must agree with the checkpoint's on each of them.
 MODEL_KEYS = ("INPUT_SHAPE", "MEAN", "STD", "MAX_TOKEN", "ANCHORS", "ANCH_MASK", "CLASS_NUM", "VIS_WIDTH",
               "VIS_MIN_CHANNELS", "SPP_KERNELS", "WORD_EMBED_SIZE", "HIDDEN_SIZE", "N_SA", "MULTI_HEAD",
-              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS")
+              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS",
+              "DETECTOR_CLASS_NAMES", "APL_POSITION_PROMPT", "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT",
+              "APL_ALIGNMENT", "APL_ALIGN_PREDICT")
 
 # Keys of the reference's configs that this project does not have, and what to do about them.
 _RETIRED = {
@@ -208,7 +248,7 @@ _CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP":
             "CMA_ATTENTION": ("reference", "standard"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
             "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
-            "DIST_BACKEND": ("auto", "nccl", "gloo")}
+            "DIST_BACKEND": ("auto", "nccl", "gloo"), "APL_RECON_ANCHOR": ("own", "batch_sum")}
 
 # Numeric keys and their ranges: (lowest, highest), None for unbounded.
 _RANGES = {
@@ -218,11 +258,12 @@ _RANGES = {
     **{key: (0, None) for key in ("NUM_WORKER", "WARMUP", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "GRAD_NORM_CLIP",
                                   "DET_WARMUP", "DET_WARMUP_LR", "DET_MIN_LR", "DET_WEIGHT_DECAY",
                                   "DET_GRAD_NORM_CLIP", "DET_CLS_WEIGHT", "FNS_WEIGHT", "ER_WEIGHT",
-                                  "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST")},
+                                  "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST",
+                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN")},
     **{key: (0, 1) for key in ("EMA_DECAY", "DET_EMA_DECAY", "DROPOUT_R", "DET_IGNORE_IOU", "DET_SCORE_MIN",
                                "DET_NMS_IOU", "DET_AP_IOU")},
 }
-_POSITIVE = ("LR", "DET_LR", "VIS_WIDTH", "BOX_CENTER_RADIUS")
+_POSITIVE = ("LR", "DET_LR", "VIS_WIDTH", "BOX_HEAD_CHANNELS", "BOX_CENTER_RADIUS")
 _OPEN_UNIT = ("DET_OBJECTNESS_PRIOR",)  # probabilities a logit is taken of: strictly between 0 and 1
 
 
@@ -368,6 +409,14 @@ def _validate(values: dict[str, Any]) -> None:
     if values["CACHE_DETECTOR"] and not (values["VIS_FREEZE"] and values["FREEZE_BACKBONE_BN"]):
         raise ConfigError("CACHE_DETECTOR needs a detector whose outputs do not change: set VIS_FREEZE and "
                           "FREEZE_BACKBONE_BN to true, or CACHE_DETECTOR to false")
+    names = values["DETECTOR_CLASS_NAMES"]
+    if values["APL_CATEGORY_PROMPT"] and (len(names) != values["CLASS_NUM"]
+                                          or not all(isinstance(n, str) and n.split() for n in names)):
+        raise ConfigError(f"APL_CATEGORY_PROMPT needs DETECTOR_CLASS_NAMES to list CLASS_NUM ({values['CLASS_NUM']}) "
+                          f"non-empty class names, got {len(names)} entries")
+    if values["APL_POSITION_PROMPT"] and values["HIDDEN_SIZE"] % 2:
+        raise ConfigError(f"APL_POSITION_PROMPT needs an even HIDDEN_SIZE (half sine, half cosine), "
+                          f"got {values['HIDDEN_SIZE']}")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")

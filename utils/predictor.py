@@ -14,8 +14,8 @@ A prediction's two scores say different things:
 - ``objectness``: the frozen detector's confidence that the chosen box holds an object, whatever
   the expression.
 
-A model that learns from boxes (class attribute ``supervised = True``) ranks no anchors: its one box
-is reported with its own confidence as ``match_score``, ``objectness`` is None, and ``candidates``
+A model that answers with a box head (the supervised student, or the weak model with APL's
+alignment head answering) ranks no anchors: its one box is reported with its own confidence as ``match_score``, ``objectness`` is None, and ``candidates``
 holds that box alone.
 """
 from __future__ import annotations
@@ -160,14 +160,14 @@ class Predictor:
         info = torch.tensor(infos, dtype=torch.float64, device=self.device)[inverse]  # [B, 7]
         refs = self._encode(expressions)  # [B, 1, T]
 
-        if hasattr(self.model, "rank"):
+        if getattr(self.model, "ranks_anchors", False):
             detections = tuple(t[inverse] for t in self.model.detect(pixels))
             similarities, boxes = self.model.rank(pixels[inverse], refs, detections)  # [B, K], [B, K, 5]
             scores = similarities.float().softmax(dim=1)
             objectness = boxes[..., 4].float()
             # By similarity, first index first among ties: the candidate the eval forward's argmax picks.
             ranked = similarities.argsort(dim=1, descending=True, stable=True).tolist()
-        else:  # a supervised model: its one box and its confidence
+        else:  # a box head answers: its one box and its confidence
             boxes = self.model(pixels[inverse], refs)  # [B, 1, 5]
             scores, objectness = boxes[..., 4].float(), None
             ranked = [[0]] * boxes.shape[0]
