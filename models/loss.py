@@ -59,6 +59,15 @@ def equivariant_regularization(sim_best: torch.Tensor) -> torch.Tensor:
     return d1.abs().mean(dim=(1, 2)) + d2.abs().mean(dim=(1, 2))
 
 
+def own_image(anchors: torch.Tensor) -> torch.Tensor:
+    """``[B,K,D]`` as given, or from anchors conditioned per text ``[B_text,B_image,K,D]`` each image
+    as its own expression sees it."""
+    if anchors.dim() == 3:
+        return anchors
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    return anchors[rows, rows]
+
+
 def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1,
              er_weight: float = 0.1) -> dict[str, torch.Tensor]:
     """anchors ``[B,K,D]`` (or ``[B_text,B_image,K,D]``, conditioned per text), texts ``[B,E,D]`` ->
@@ -67,8 +76,7 @@ def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1
     texts = texts.transpose(0, 1)  # [E, B, D]
     if anchors.dim() == 4:  # [B_text, B_image, K, D]: image j's anchors as text i sees them
         sim = torch.einsum("eid,ijkd->eijk", texts, anchors)
-        rows = torch.arange(anchors.shape[0], device=anchors.device)
-        anchors = anchors[rows, rows]  # each image as its own text sees it: [B, K, D]
+        anchors = own_image(anchors)
     else:
         sim = torch.einsum("eid,jkd->eijk", texts, anchors)  # [E, B_text, B_image, K]
     top2 = sim.topk(2, dim=-1).values

@@ -15,7 +15,7 @@ from .detector import YOLOv3
 from .detector_cache import Detections
 from .fusion import MultiScaleFusion
 from .language_encoder import LanguageEncoder
-from .loss import rec_loss
+from .loss import own_image, rec_loss
 
 
 class REC(nn.Module):
@@ -90,10 +90,10 @@ class REC(nn.Module):
         embedded = self._embed(images, refs, detections, pairwise=self.cma_pairwise)
         out = rec_loss(embedded.anchors, embedded.texts, self.fns_weight, self.er_weight)
         if self.reconstruction is not None:
-            out["recon"] = self.reconstruction(_own_image(embedded.visual), embedded.texts)
+            out["recon"] = self.reconstruction(own_image(embedded.visual), embedded.texts)
             out["loss"] = out["loss"] + self.recon_weight * out["recon"]
         if self.alignment is not None:
-            gated, parts = self.alignment.loss(self._align(embedded), _own_image(embedded.anchors),
+            gated, parts = self.alignment.loss(self._align(embedded), own_image(embedded.anchors),
                                                embedded.texts[:, 0], embedded.anchor_boxes, images.shape[-1])
             out["loss"] = out["loss"] + gated
             out.update(parts)
@@ -143,7 +143,7 @@ class REC(nn.Module):
 
     def _align(self, embedded: "Embedding") -> torch.Tensor:
         """APL's alignment head on the first expression: its raw output ``[B,h,w,5]``."""
-        return self.alignment(embedded.maps, _own_image(embedded.visual), embedded.cells, embedded.pooled[:, 0])
+        return self.alignment(embedded.maps, own_image(embedded.visual), embedded.cells, embedded.pooled[:, 0])
 
     def detect(self, images: torch.Tensor) -> Detections:
         """The detector's stride 32, 16 and 8 feature maps and its stride-32 boxes
@@ -178,15 +178,6 @@ class Embedding(NamedTuple):
     pooled: torch.Tensor
     maps: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     cells: torch.Tensor
-
-
-def _own_image(anchors: torch.Tensor) -> torch.Tensor:
-    """``[B,K,D]``, or each image as its own expression sees it when conditioned per text
-    (``[B_text, B_image, K, D]``)."""
-    if anchors.dim() == 3:
-        return anchors
-    rows = torch.arange(anchors.shape[0], device=anchors.device)
-    return anchors[rows, rows]
 
 
 def _gather_cells(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
