@@ -26,15 +26,16 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from datasets import FirstExpression, RefDataset, build_loader, clip_to_image, load_annotations
+from datasets import EntryExpressions, FirstExpression, RefDataset, build_loader, clip_to_image, load_annotations
 from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import Config, ConfigError
-from utils.engine import BASELINES, evaluate, model_boxes, text_blind_predictor, to_device
+from utils.engine import BASELINES, entry_boxes, evaluate, gt_xyxy, model_boxes, text_blind_predictor, to_device
 from utils.logger import setup_logger
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
@@ -71,36 +72,49 @@ def eval_splits(cfg: Config, requested: str) -> list[str]:
     return [s for s in load_annotations(cfg.ann_path, cfg.DATASET) if s not in cfg.TRAIN_SPLIT.split("+")]
 
 
-def first_expression_boxes(model, dataset: RefDataset, cfg: Config, device: torch.device) -> np.ndarray:
-    """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels, clipped to the image) from each
-    entry's first expression."""
-    loader = DataLoader(FirstExpression(dataset), batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
-    boxes = np.zeros((len(dataset), 4))
-    for batch in tqdm(loader, desc="predicting", disable=not dist_utils.is_main(), leave=False):
+def pseudo_label_boxes(model, dataset: RefDataset, cfg: Config,
+                       device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels, clipped to the image), one per
+    entry, from all of its expressions or its first (PSEUDO_LABEL_EXPRESSIONS); and ``[N]`` whether
+    each overlaps the entry's box in the file with IoU > 0.5."""
+    every = cfg.PSEUDO_LABEL_EXPRESSIONS == "all"
+    items = EntryExpressions(dataset) if every else FirstExpression(dataset)
+    boxes_of = entry_boxes if every else model_boxes
+    loader = DataLoader(items, batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
+    boxes, agree = np.zeros((len(dataset), 4)), np.zeros(len(dataset), dtype=bool)
+    for batch in tqdm(loader, desc="pseudo-labels", disable=not dist_utils.is_main(), leave=False):
         batch = to_device(batch, device, cfg.CHANNELS_LAST)
-        pred = clip_to_image(model_boxes(model, batch, cfg.AMP, device), batch["info"])
-        boxes[batch["index"].cpu().numpy()] = pred.cpu().numpy()
-    return boxes
+        pred = clip_to_image(boxes_of(model, batch, cfg.AMP, device), batch["info"])
+        index = batch["index"].cpu().numpy()
+        boxes[index] = pred.cpu().numpy()
+        agree[index] = (box_iou(pred, gt_xyxy(batch["gt_box"])).diagonal() > 0.5).cpu().numpy()
+    return boxes, agree
 
 
-def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str) -> int:
-    """The annotation file with TRAIN_SPLIT's boxes replaced by predictions (RefCLIP's pseudo-labels
-    for training other REC models). Each training entry's box is predicted from its first
-    expression; entries keep every other field, and the other splits are copied unchanged."""
+def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str) -> tuple[int, float]:
+    """Writes the annotation file with TRAIN_SPLIT's boxes replaced by predictions (RefCLIP's
+    pseudo-labels for training other REC models). Each training entry's box is predicted from its
+    expressions as PSEUDO_LABEL_EXPRESSIONS says; entries keep every other field, and the other
+    splits are copied unchanged. Returns the number of entries written and the percentage whose
+    pseudo-label overlaps the file's own box with IoU > 0.5 (the labels' quality, where the file
+    holds real training boxes)."""
     data = load_annotations(cfg.ann_path, cfg.DATASET)
     out = dict(data)
+    agree = []
     for split in cfg.TRAIN_SPLIT.split("+"):
         dataset = RefDataset(cfg, split)
         if dataset.skipped:
             raise RuntimeError(f"{len(dataset.skipped)} entries of '{split}' lack their image; pseudo-labels "
                                "need every entry (set SKIP_BAD_IMAGES: False to see which)")
-        boxes = first_expression_boxes(model, dataset, cfg, device)
+        boxes, overlaps = pseudo_label_boxes(model, dataset, cfg, device)
         out[split] = [dict(entry, bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)])
                       for entry, (x1, y1, x2, y2) in zip(data[split], boxes)]
+        agree.append(overlaps)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f)
-    return sum(len(out[s]) for s in cfg.TRAIN_SPLIT.split("+"))
+    agree = np.concatenate(agree)
+    return agree.size, 100.0 * float(agree.mean())
 
 
 def visualize(model, dataset: RefDataset, cfg: Config, device: torch.device, count: int, folder: str) -> list[str]:
@@ -147,6 +161,10 @@ def main(args: argparse.Namespace) -> int:
         if args.baselines and not hasattr(model, "candidate_boxes"):
             raise ConfigError(f"--baselines choose among the detector's anchors, and MODEL.ARCH '{cfg.ARCH}' "
                               "ranks none: score them with the weak model's checkpoint")
+        if args.export_pseudo_labels and cfg.PSEUDO_LABEL_EXPRESSIONS == "all" and not getattr(
+                model, "ranks_anchors", False):
+            raise ConfigError("PSEUDO_LABEL_EXPRESSIONS: all sums the ranking of anchors over an entry's expressions, "
+                              "and this model regresses one box per expression: set PSEUDO_LABEL_EXPRESSIONS=first")
         if cfg.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
 
@@ -173,8 +191,9 @@ def main(args: argparse.Namespace) -> int:
                 paths = visualize(model, next(iter(datasets.values())), cfg, device, args.visualize, folder)
                 print(f"visualizations: {max(len(paths) - 1, 0)} drawings and their contact sheet in {folder}")
             if args.export_pseudo_labels:
-                count = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels)
-                print(f"pseudo-labels: {count} training entries written to {args.export_pseudo_labels}")
+                count, agree = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels)
+                print(f"pseudo-labels: {count} training entries written to {args.export_pseudo_labels}; "
+                      f"{agree:.2f} % of them within IoU 0.5 of the file's own boxes")
     finally:
         dist_utils.cleanup()
     return 0

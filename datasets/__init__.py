@@ -4,13 +4,13 @@ from .letterbox import (box_to_yolo, clip_to_image, letterbox_geometry, letterbo
                         normalize, original_to_letterbox)
 from .loader import EpochSampler, ShardSampler, build_loader
 from .pseudo_labels import check_training_file
-from .refer_dataset import FirstExpression, RefDataset
+from .refer_dataset import EntryExpressions, FirstExpression, RefDataset
 from .tokens import PAD, UNK, CLS, SPECIAL_TOKENS, build_vocab, encode, select_expressions, tokenize
 from .word_vectors import load_word_vectors
 
 __all__ = [
-    "CLS", "DataError", "EpochSampler", "FirstExpression", "PAD", "RefDataset", "SPECIAL_TOKENS", "ShardSampler",
-    "UNK", "box_to_yolo", "build_loader", "build_vocab", "check_training_file", "clip_to_image", "encode",
+    "CLS", "DataError", "EntryExpressions", "EpochSampler", "FirstExpression", "PAD", "RefDataset", "SPECIAL_TOKENS",
+    "ShardSampler", "UNK", "box_to_yolo", "build_loader", "build_vocab", "check_training_file", "clip_to_image", "encode",
     "image_file_name", "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations",
     "load_word_vectors", "normalize", "original_to_letterbox", "select_expressions", "tokenize",
 ]

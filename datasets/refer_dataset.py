@@ -163,3 +163,25 @@ class FirstExpression(Dataset):
         item["refs"] = torch.from_numpy(self.dataset.sample_refs(index, 0)[:1])
         item["index"] = index
         return item
+
+
+class EntryExpressions(Dataset):
+    """Items of ``dataset`` carrying every expression of the entry in file order: ``refs``
+    ``[width, max_token]`` (``width``: the most expressions any entry of the split has; the rows past
+    an entry's own repeat its first), ``count`` the entry's own, ``index`` the entry."""
+
+    def __init__(self, dataset: RefDataset):
+        self.dataset = dataset
+        self.width = max((len(entry["refs"]) for entry in dataset.entries), default=1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        texts = self.dataset.entries[index]["refs"]
+        padded = texts + [texts[0]] * (self.width - len(texts))
+        item["refs"] = torch.from_numpy(encode_many(padded, self.dataset.token_to_ix, self.dataset.max_token))
+        item["count"] = len(texts)
+        item["index"] = index
+        return item

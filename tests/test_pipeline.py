@@ -1,6 +1,7 @@
 """train.py / test.py / predict.py end to end on a tiny dataset, as a user runs them."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import cv2
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.ops import box_iou
 
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
 
@@ -80,6 +82,13 @@ def test_train_evaluate_resume_visualize_export_predict(tiny):
     assert "testB" in out.stdout and len(drawn) == 4 and drawn[0] == "contact_sheet.png"
     pseudo = json.loads((root / "pseudo.json").read_text())
     assert len(pseudo["train"]) == len(data["train"]) and pseudo["val"] == data["val"]
+    # The labels' agreement with the file's own boxes, as printed, is what the written file holds.
+    printed = float(re.search(r"([\d.]+) % of them within IoU 0.5", out.stdout).group(1))
+    given, labels = (torch.tensor([e["bbox"] for e in d["train"]], dtype=torch.float64) for d in (data, pseudo))
+    given[:, 2:] += given[:, :2]
+    labels[:, 2:] += labels[:, :2]
+    overlaps = box_iou(given, labels).diagonal() > 0.5
+    assert printed == pytest.approx(100 * overlaps.double().mean().item(), abs=0.01)
     assert [e["refs"] for e in pseudo["train"]] == [e["refs"] for e in data["train"]]
     assert pseudo["train"][0]["bbox"] != data["train"][0]["bbox"]
     for entry in pseudo["train"]:  # pseudo-labels lie inside their image

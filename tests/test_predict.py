@@ -10,10 +10,10 @@ import torch
 from torchvision.ops import clip_boxes_to_image
 
 import predict
-from datasets import DataError, FirstExpression, RefDataset
+from datasets import DataError, EntryExpressions, FirstExpression, RefDataset
 from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
 from utils.config import ConfigError
-from utils.engine import model_boxes as evaluation_predict
+from utils.engine import entry_boxes, model_boxes as evaluation_predict
 from utils.predictor import Predictor, vocabulary_warnings
 from utils.visualize import (CORRECT, GROUND_TRUTH, WRONG, contact_sheet, draw_box, draw_evaluation,
                              sample_across_images, text_colour)
@@ -64,6 +64,31 @@ def test_boxes_match_evaluation_and_do_not_depend_on_the_batch(predictor, traine
     for batch_size in (1, 3):
         boxes = torch.tensor([p.box for p in predictor.predict(images, expressions, batch_size=batch_size)])
         torch.testing.assert_close(boxes, expected.float(), atol=1e-3, rtol=0)
+
+
+def test_pseudo_labels_from_all_expressions_of_an_entry(predictor):
+    dataset = RefDataset(predictor.cfg, "train")
+    for i, entry in enumerate(dataset.entries):  # one, two or three expressions per entry
+        entry["refs"] = entry["refs"][:1 + i % 3]
+    items = EntryExpressions(dataset)
+    batch = torch.utils.data.default_collate([items[i] for i in range(len(dataset))])
+    counts = [1 + i % 3 for i in range(len(dataset))]
+    assert batch["count"].tolist() == counts and batch["refs"].shape[1] == items.width == 3
+    for row, count in enumerate(counts):  # the rows past an entry's own repeat its first
+        assert (batch["refs"][row, count:] == batch["refs"][row, :1]).all()
+        assert len(batch["refs"][row, :count].unique(dim=0)) == count
+    cpu, model = torch.device("cpu"), predictor.model
+    boxes = entry_boxes(model, batch, "none", cpu)
+
+    # One expression decides as evaluation does.
+    alone = entry_boxes(model, dict(batch, count=torch.ones_like(batch["count"])), "none", cpu)
+    torch.testing.assert_close(alone, evaluation_predict(model, dict(batch, refs=batch["refs"][:, :1]), "none", cpu))
+    # The entry's own expressions vote in any order; the padding rows after them have no say.
+    shuffled = batch["refs"].clone()
+    for row, count in enumerate(counts):
+        shuffled[row, :count] = batch["refs"][row, :count].flip(0)
+        shuffled[row, count:] = torch.randint(3, len(predictor.vocab), shuffled[row, count:].shape)
+    torch.testing.assert_close(entry_boxes(model, dict(batch, refs=shuffled), "none", cpu), boxes)
 
 
 def test_boxes_are_clipped_to_the_image(predictor):

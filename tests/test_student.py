@@ -174,6 +174,10 @@ def test_pseudo_labels_to_student_to_test_py(tiny):  # noqa: F811
     out = run("test.py", "--config", "config/refcoco.yaml", "--eval-weights", str(root / "student" / "best.pth"),
               "--baselines", *student, check=False)
     assert out.returncode == 2 and "weak model's checkpoint" in out.stderr and "Traceback" not in out.stderr
+    out = run("test.py", "--eval-weights", str(root / "student" / "best.pth"), "--export-pseudo-labels",
+              str(root / "from_student.json"), check=False)
+    assert out.returncode == 2 and "set PSEUDO_LABEL_EXPRESSIONS=first" in out.stderr and "Traceback" not in out.stderr
+    assert not (root / "from_student.json").exists()
 
     prediction = root / "student_prediction.jsonl"
     run("predict.py", "--weights", str(root / "student" / "last.pth"), "--image", os.path.join(images, "3.jpg"),

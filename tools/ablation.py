@@ -1,6 +1,7 @@
 """Ablation of the ACCV 2024 components on one config: RefCLIP, +CMA, +FNS, +ER, full (and the CMA rows
-again with CMA_CONDITION=query); then APL's parts on RefCLIP: +position, +colour, +category prompts,
-+recon(struction), +alignment, and all of them (apl).
+again with CMA_CONDITION=query), FNS+ER (the quickstart's model); then APL's parts on RefCLIP:
++position, +colour, +category prompts, +recon(struction), +alignment, all of them (apl), and all of
+them on the quickstart's model (apl+fns+er).
 
     python -m tools.ablation --config config/synthetic.yaml [KEY=VALUE ...]
 
@@ -22,10 +23,15 @@ from utils.config import load_config
 
 # Each variant adds one component to RefCLIP (one expression per sample, contrastive loss only);
 # 'full' is the ACCV 2024 model: all three, three expressions per sample. The '-query' rows condition
-# the CMA on the expression being scored instead of the image's own (CMA_CONDITION). The APL rows add
-# one part of APL (ECCV 2024) each to RefCLIP, 'apl' all of them (the config's DETECTOR_CLASS_NAMES
-# and APL_ALIGN_BURN_IN apply).
+# the CMA on the expression being scored instead of the image's own (CMA_CONDITION); 'fns+er' is the
+# quickstart's model. The APL rows add one part of APL (ECCV 2024) each to RefCLIP, 'apl' all of them,
+# 'apl+fns+er' all of them to the quickstart's model (the config's DETECTOR_CLASS_NAMES and
+# APL_ALIGN_BURN_IN apply).
 REFCLIP = ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"]
+# RefCLIP + FNS + ER with three expressions per sample and no CMA: what config/synthetic.yaml trains.
+DEMO = ["USE_CMA=false", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"]
+APL_ON = ["APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PROMPT=true", "APL_RECON_WEIGHT=1.0",
+          "APL_ALIGNMENT=true"]
 APL_OFF = ["APL_POSITION_PROMPT=false", "APL_COLOUR_PROMPT=false", "APL_CATEGORY_PROMPT=false",
            "APL_RECON_WEIGHT=0.0", "APL_ALIGNMENT=false"]
 VARIANTS = {
@@ -38,13 +44,14 @@ VARIANTS = {
                    "ER_WEIGHT=0.0"],
     "full-query": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=query", "NUM_REFS=3", "FNS_WEIGHT=0.1",
                    "ER_WEIGHT=0.1"],
+    "fns+er": [*APL_OFF, *DEMO],
     "+position": [*APL_OFF, *REFCLIP, "APL_POSITION_PROMPT=true"],
     "+colour": [*APL_OFF, *REFCLIP, "APL_COLOUR_PROMPT=true"],
     "+category": [*APL_OFF, *REFCLIP, "APL_CATEGORY_PROMPT=true"],
     "+recon": [*APL_OFF, *REFCLIP, "APL_RECON_WEIGHT=1.0"],
     "+alignment": [*APL_OFF, *REFCLIP, "APL_ALIGNMENT=true"],
-    "apl": [*REFCLIP, "APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PROMPT=true",
-            "APL_RECON_WEIGHT=1.0", "APL_ALIGNMENT=true"],
+    "apl": [*REFCLIP, *APL_ON],
+    "apl+fns+er": [*DEMO, *APL_ON],
 }
 
 
@@ -78,9 +85,10 @@ def main() -> int:
         with open(out) as f:
             table[name] = json.load(f)
     splits = list(next(iter(table.values())))
-    print(f"{'variant':<10}" + "".join(f"{s:>9}" for s in splits))
+    width = max(len("variant"), *map(len, table)) + 1
+    print(f"{'variant':<{width}}" + "".join(f"{s:>9}" for s in splits))
     for name, results in table.items():
-        print(f"{name:<10}" + "".join(f"{results[s]['acc']:>9.2f}" for s in splits))
+        print(f"{name:<{width}}" + "".join(f"{results[s]['acc']:>9.2f}" for s in splits))
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(table, f, indent=2)
     return 0

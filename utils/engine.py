@@ -334,6 +334,27 @@ def model_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -
     return letterbox_to_original(boxes[:, 0, :4].float(), batch["info"])
 
 
+@torch.no_grad()
+def entry_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+    """One box ``[B,4]`` (x1, y1, x2, y2, original pixels) per entry, decided by all of its
+    expressions: ``batch['refs']`` ``[B,E,T]`` of which the first ``batch['count']`` are the entry's
+    own. Each candidate anchor's similarities to them are summed and the best candidate taken: the
+    ranking of the product of the per-expression softmax distributions, so that an expression the
+    model reads well outvotes one it reads badly. The model must rank anchors (``REC.rank``)."""
+    net = unwrap_model(model)
+    refs = batch["refs"]
+    own = torch.arange(refs.shape[1], device=refs.device)[None] < batch["count"][:, None]  # [B, E]
+    with autocast(device, amp):
+        detections = batch["detections"] if "detections" in batch else net.detect(batch["image"])
+        total = torch.zeros((), device=refs.device)
+        for e in range(refs.shape[1]):
+            similarities, candidates = net.rank(batch["image"], refs[:, e:e + 1], detections)  # [B,K], [B,K,5]
+            total = total + similarities.float() * own[:, e:e + 1]
+    best = total.argmax(dim=1)
+    boxes = candidates[torch.arange(best.shape[0], device=best.device), best, :4].float()
+    return letterbox_to_original(boxes, batch["info"])
+
+
 def gt_xyxy(gt_box: torch.Tensor) -> torch.Tensor:
     """``[B,1,4]`` or ``[B,4]`` x, y, w, h -> ``[B,4]`` x1, y1, x2, y2."""
     gt = gt_box.reshape(-1, 4).float()
