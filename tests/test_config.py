@@ -1,5 +1,6 @@
 import pytest
 
+from tools.ablation import VARIANTS
 from utils.config import ConfigError, default_config, load_config, parse_override
 
 CONFIGS = ["refcoco", "refcoco+", "refcocog", "referit", "refclip",
@@ -164,3 +165,14 @@ def test_a_checkpoint_config_of_the_earlier_layout_still_loads():
     assert config_from_checkpoint_dict(earlier).to_dict() == load_config("config/synthetic.yaml").to_dict()
     with pytest.raises(ConfigError, match="CMA_ATTENTION must be"):
         load_config("config/synthetic.yaml", ["CMA_ATTENTION=seed"])  # a config file uses the current name
+
+
+def test_every_ablation_row_is_a_valid_config_and_rows_differ():
+    loaded = {name: load_config("config/synthetic.yaml", overrides) for name, overrides in VARIANTS.items()}
+    keys = ("USE_CMA", "CMA_CONDITION", "NUM_REFS", "FNS_WEIGHT", "ER_WEIGHT", "APL_POSITION_PROMPT",
+            "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT", "APL_RECON_WEIGHT", "APL_ALIGNMENT")
+    settings = {name: tuple(cfg[key] for key in keys) for name, cfg in loaded.items()}
+    assert len(set(settings.values())) == len(settings), "two ablation rows train the same model"
+    demo = load_config("config/synthetic.yaml")
+    assert settings["fns+er"] == tuple(demo[key] for key in keys), "fns+er is not the quickstart's model"
+    assert loaded["apl+fns+er"].NUM_REFS == 3 and loaded["apl"].NUM_REFS == 1
