@@ -26,7 +26,6 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from datasets import EntryExpressions, FirstExpression, RefDataset, build_loader, clip_to_image, load_annotations
@@ -35,7 +34,7 @@ from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import Config, ConfigError
-from utils.engine import BASELINES, entry_boxes, evaluate, gt_xyxy, model_boxes, text_blind_predictor, to_device
+from utils.engine import BASELINES, entry_boxes, evaluate, hits, model_boxes, text_blind_predictor, to_device
 from utils.logger import setup_logger
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
@@ -87,7 +86,7 @@ def pseudo_label_boxes(model, dataset: RefDataset, cfg: Config,
         pred = clip_to_image(boxes_of(model, batch, cfg.AMP, device), batch["info"])
         index = batch["index"].cpu().numpy()
         boxes[index] = pred.cpu().numpy()
-        agree[index] = (box_iou(pred, gt_xyxy(batch["gt_box"])).diagonal() > 0.5).cpu().numpy()
+        agree[index] = hits(pred, batch["gt_box"]).cpu().numpy()
     return boxes, agree
 
 

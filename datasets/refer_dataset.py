@@ -180,8 +180,8 @@ class EntryExpressions(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
         texts = self.dataset.entries[index]["refs"]
-        padded = texts + [texts[0]] * (self.width - len(texts))
-        item["refs"] = torch.from_numpy(encode_many(padded, self.dataset.token_to_ix, self.dataset.max_token))
+        chosen = [texts[i] for i in select_expressions(len(texts), 0, self.width)]
+        item["refs"] = torch.from_numpy(encode_many(chosen, self.dataset.token_to_ix, self.dataset.max_token))
         item["count"] = len(texts)
         item["index"] = index
         return item

@@ -30,7 +30,7 @@ from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import ConfigError
 from utils.distributed import local_device
-from utils.engine import gt_xyxy, model_boxes, to_device
+from utils.engine import gt_xyxy, hits, model_boxes, to_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
     for batch in build_loader(cfg, dataset, train=False):
         batch = to_device(batch, device)
         gt = gt_xyxy(batch["gt_box"])
-        correct = box_iou(model_boxes(model, batch, cfg.AMP, device), gt).diagonal() > 0.5
+        correct = hits(model_boxes(model, batch, cfg.AMP, device), batch["gt_box"])
         b = gt.shape[0]
         reachable = _reachable(model, batch, gt) if ranks_anchors else torch.zeros(b, dtype=torch.bool)
         for i in range(b):
