@@ -27,50 +27,71 @@ class VisualAlignment(nn.Module):
     """``forward(maps, visual, cells, language)`` -> the box head's raw output ``[B,h,w,5]``.
 
     maps: the fused stride 8, 16 and 32 maps ``[B,C,*,*]``; visual ``[B,K,D]`` the prompted anchor
-    embeddings of the ``cells`` ``[B,K]`` (indices into the stride-32 grid); language ``[B,D]``
+    embeddings (rows in grid order), written into ``cells`` ``[B,K]`` (indices into the stride-32
+    grid: the selected cells in grid order, or in APL's code's score order, APL_SCATTER_ORDER); language ``[B,D]``
     the expression's pooled features. ``decode`` gives the box head's answer ``[B,1,5]``.
     """
 
-    def __init__(self, channels: int, hidden: int, burn_in: int = 0):
+    def __init__(self, channels: int, hidden: int, burn_in: int = 0, burn_in_count: str = "every_forward",
+                 obj_prior: float = 0.0):
         super().__init__()
         self.burn_in = burn_in
-        # Training steps seen: a buffer, saved with the weights, so that --resume keeps the burn-in.
+        self.counts_every_forward = burn_in_count == "every_forward"
+        # Forwards counted for the burn-in (see count_forward): a buffer, saved with the weights, so
+        # that --resume keeps the burn-in.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.anchor_proj = nn.Linear(hidden, channels)
         self.gates = nn.ModuleList(LanguageGate(channels, hidden) for _ in range(3))
         self.multi_scale = MultiScaleFusion((channels, channels, channels), hidden, side_outputs=False)
         self.attention = CollectDiffuseAttention(hidden, hidden)
-        # SimREC's head as APL configures it: IoU loss weight 5, no L1, assignment cost 3 x IoU cost.
+        # SimREC's head as APL configures it: SiLU, IoU loss weight 5, no L1, assignment cost 3 x IoU
+        # cost; APL never calls its bias initialisation (obj_prior 0).
         self.head = BoxHead(hidden, hidden // _HEAD_WIDTH_RATIO, stride=32, iou_loss="iou", iou_weight=5.0,
-                            l1_weight=0.0, iou_cost=3.0, obj_cost=0.0)
+                            l1_weight=0.0, iou_cost=3.0, obj_cost=0.0, activation="silu", obj_prior=obj_prior)
 
     def forward(self, maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor], visual: torch.Tensor,
                 cells: torch.Tensor, language: torch.Tensor) -> torch.Tensor:
         s8, s16, s32 = maps
-        b, c = s32.shape[:2]
-        anchors = self.anchor_proj(visual).transpose(1, 2).to(s32.dtype)  # [B, C, K]
-        s32 = s32.flatten(2).scatter(2, cells[:, None].expand(b, c, -1), anchors).view_as(s32)
+        s32 = write_anchors(s32, self.anchor_proj(visual), cells)
         language = language.detach()
         gated = [gate(x, language) for gate, x in zip(self.gates, (s8, s16, s32))]
         return self.head(self.attention(self.multi_scale(*gated), language))
+
+    def count_forward(self, training: bool) -> None:
+        """Called at every forward of the model. APL_BURN_IN_COUNT 'every_forward' (APL's code) counts
+        them all, evaluation included; 'training_steps' counts training forwards only."""
+        if training or self.counts_every_forward:
+            self.steps += 1
+
+    def burn_in_over(self) -> torch.Tensor:
+        """Whether the alignment loss counts: from the ``burn_in``-th counted forward on (APL's
+        ``iter >= BURN_IN``), or after ``burn_in`` training steps."""
+        return self.steps >= self.burn_in if self.counts_every_forward else self.steps > self.burn_in
 
     def loss(self, raw: torch.Tensor, anchors: torch.Tensor, text: torch.Tensor, anchor_boxes: torch.Tensor,
              size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The box head's loss on the weak model's own answer: for anchors ``[B,K,D]`` (as scored),
         the first expressions ``[B,D]`` and the anchors' boxes ``[B,K,4,5+C]``, the most confident box
-        of each image's best anchor. Returns it weighted 1 after ``burn_in`` training steps and 0
-        before (computed all the same, so that every parameter gets a gradient each step, as DDP
-        needs), and its parts (``align``, ``align_iou``, ``align_obj``, ``align_l1``)."""
-        self.steps += 1
+        of each image's best anchor. Returns it weighted 1 once the burn-in is over and 0 before
+        (computed all the same, so that every parameter gets a gradient each step, as DDP needs),
+        and its parts (``align``, ``align_iou``, ``align_obj``, ``align_l1``)."""
         with torch.no_grad():
             best = torch.einsum("bkd,bd->bk", anchors, text).argmax(dim=1)
             targets = box_targets(cell_box(anchor_boxes.float(), best), size)
         parts = self.head.loss(raw, targets)
-        gate = (self.steps > self.burn_in).to(parts["loss"].dtype)
+        gate = self.burn_in_over().to(parts["loss"].dtype)
         return parts["loss"] * gate, {"align" if k == "loss" else f"align_{k}": v for k, v in parts.items()}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         return self.head.decode(raw)
+
+
+def write_anchors(grid: torch.Tensor, anchors: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The map ``grid`` ``[B,C,h,w]`` with row j of ``anchors`` ``[B,K,C]`` written into cell
+    ``cells[:, j]`` (indices into the row-major grid); the other cells unchanged."""
+    b, c = grid.shape[:2]
+    rows = anchors.transpose(1, 2).to(grid.dtype)  # [B, C, K]
+    return grid.flatten(2).scatter(2, cells[:, None].expand(b, c, -1), rows).view_as(grid)
 
 
 def box_targets(boxes: torch.Tensor, size: int) -> torch.Tensor:

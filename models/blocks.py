@@ -6,15 +6,16 @@ from torch import nn
 
 
 class ConvBNAct(nn.Sequential):
-    """Conv (no bias, 'same' padding) -> BatchNorm -> LeakyReLU(0.1): the darknet convolution."""
+    """Conv (no bias, 'same' padding) -> BatchNorm -> LeakyReLU(0.1), the darknet convolution, or
+    SiLU (``activation='silu'``, YOLOX's and SimREC's)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, activation: str = "leaky"):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
-        # In place: the BatchNorm output is read by nothing else, and LeakyReLU's backward needs
-        # only the sign of its output.
-        self.act = nn.LeakyReLU(0.1, inplace=True)
+        # LeakyReLU in place: the BatchNorm output is read by nothing else, and its backward needs
+        # only the sign of its output. SiLU's backward needs its input, so it keeps it.
+        self.act = nn.SiLU() if activation == "silu" else nn.LeakyReLU(0.1, inplace=True)
 
 
 class ResidualStage(nn.Module):

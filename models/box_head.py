@@ -48,6 +48,8 @@ class BoxHead(nn.Module):
 
     A 1x1 stem to ``channels``, two 3x3 convolutions, then 1x1 predictions of the 4 box numbers
     and the objectness (SimREC's regression branch; its class branch has nothing to predict here).
+    ``activation`` is the convolutions' (``'leaky'`` or SimREC's ``'silu'``); the objectness bias
+    starts at the logit of ``obj_prior`` (YOLOX's 0.01), or at PyTorch's default with 0.
 
     Loss: ``iou_weight * IoU loss + objectness BCE + l1_weight * L1``, each summed over cells and
     divided by the number of positive cells. The IoU loss is ``1 - IoU^2`` (``'iou'``, SimREC's and
@@ -58,7 +60,7 @@ class BoxHead(nn.Module):
 
     def __init__(self, in_channels: int, channels: int = 256, stride: int = 32, iou_loss: str = "iou",
                  iou_weight: float = 5.0, l1_weight: float = 1.0, iou_cost: float = 3.0, obj_cost: float = 1.0,
-                 center_radius: float = 2.5):
+                 center_radius: float = 2.5, activation: str = "leaky", obj_prior: float = _OBJ_PRIOR):
         super().__init__()
         if iou_loss not in IOU_LOSSES:
             raise ValueError(f"iou_loss must be one of {IOU_LOSSES}, got {iou_loss!r}")
@@ -67,11 +69,13 @@ class BoxHead(nn.Module):
         self.iou_weight, self.l1_weight = iou_weight, l1_weight
         self.iou_cost, self.obj_cost = iou_cost, obj_cost
         self.center_radius = center_radius
-        self.stem = ConvBNAct(in_channels, channels, 1)
-        self.convs = nn.Sequential(ConvBNAct(channels, channels, 3), ConvBNAct(channels, channels, 3))
+        self.stem = ConvBNAct(in_channels, channels, 1, activation=activation)
+        self.convs = nn.Sequential(ConvBNAct(channels, channels, 3, activation=activation),
+                                   ConvBNAct(channels, channels, 3, activation=activation))
         self.reg = nn.Conv2d(channels, 4, 1)
         self.obj = nn.Conv2d(channels, 1, 1)
-        nn.init.constant_(self.obj.bias, -math.log((1 - _OBJ_PRIOR) / _OBJ_PRIOR))
+        if obj_prior:  # 0 keeps PyTorch's default bias initialisation
+            nn.init.constant_(self.obj.bias, -math.log((1 - obj_prior) / obj_prior))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.convs(self.stem(features))

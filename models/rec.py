@@ -62,8 +62,10 @@ class REC(nn.Module):
             self.prompts = AnchorPrompts(cfg, vocab or (), pretrained_emb, token_size)
         self.recon_weight = cfg.APL_RECON_WEIGHT
         self.reconstruction = TextReconstruction(hidden, cfg.APL_RECON_ANCHOR) if self.recon_weight else None
-        self.alignment = VisualAlignment(s32, hidden, cfg.APL_ALIGN_BURN_IN) if cfg.APL_ALIGNMENT else None
+        self.alignment = (VisualAlignment(s32, hidden, cfg.APL_ALIGN_BURN_IN, cfg.APL_BURN_IN_COUNT,
+                                          cfg.APL_HEAD_OBJ_PRIOR) if cfg.APL_ALIGNMENT else None)
         self.align_predict = cfg.APL_ALIGN_PREDICT
+        self.scatter_by_score = cfg.APL_SCATTER_ORDER == "score"
         # Parameters the reference owns but never runs: kept for its checkpoints, and marked
         # untrainable so that DDP expects no gradient for them (the optimizer would skip them anyway).
         unused = (([self.fusion.mid_proj, self.fusion.bot_proj] if self.alignment is None else [])
@@ -78,6 +80,8 @@ class REC(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None):
+        if self.alignment is not None:
+            self.alignment.count_forward(self.training)
         if not self.training:
             if not self.ranks_anchors:
                 return self.alignment.decode(self._align(self._embed(images, refs[:, :1], detections, False)))
@@ -129,7 +133,8 @@ class REC(nn.Module):
         pooled, _ = self.language_encoder(refs.flatten(0, 1))
         pooled = pooled.view(b, refs.shape[1], -1)  # [B, E, D]
 
-        cells = self.select_cells(boxes)
+        ranked = self.ranked_cells(boxes)
+        cells = ranked.sort(dim=1).values
         if self.cma is not None:
             # [B, K, D], or [B_text, B_image, K, D] when every image is conditioned on every expression
             anchors = self.cma.anchors(top, pooled[:, 0], cells, pairwise=pairwise)
@@ -139,11 +144,14 @@ class REC(nn.Module):
         visual = anchors
         if self.prompts is not None:
             visual, anchors = self.prompts(anchors, images, anchor_boxes)
-        return Embedding(anchors, self.expr_proj(pooled), anchor_boxes, visual, pooled, maps, cells)
+        return Embedding(anchors, self.expr_proj(pooled), anchor_boxes, visual, pooled, maps, cells, ranked)
 
     def _align(self, embedded: "Embedding") -> torch.Tensor:
-        """APL's alignment head on the first expression: its raw output ``[B,h,w,5]``."""
-        return self.alignment(embedded.maps, own_image(embedded.visual), embedded.cells, embedded.pooled[:, 0])
+        """APL's alignment head on the first expression: its raw output ``[B,h,w,5]``. APL's code
+        writes the anchors, held in grid order, into the cells in score order (APL_SCATTER_ORDER
+        'score'), so most cells receive another cell's anchor."""
+        cells = embedded.ranked_cells if self.scatter_by_score else embedded.cells
+        return self.alignment(embedded.maps, own_image(embedded.visual), cells, embedded.pooled[:, 0])
 
     def detect(self, images: torch.Tensor) -> Detections:
         """The detector's stride 32, 16 and 8 feature maps and its stride-32 boxes
@@ -152,9 +160,13 @@ class REC(nn.Module):
             (s32, s16, s8), (boxes, _, _) = self.visual_encoder(images, heads=(0,))
         return s32, s16, s8, boxes
 
+    def ranked_cells(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The K cells whose 4 anchors are most confident on average, most confident first: ``[B, K]``."""
+        return rank_cells(boxes, self.select_num)
+
     def select_cells(self, boxes: torch.Tensor) -> torch.Tensor:
-        """The K cells whose 4 anchors are most confident on average, in grid order: ``[B, K]``."""
-        return boxes[..., 4].mean(-1).topk(self.select_num, dim=1).indices.sort(dim=1).values
+        """The K cells of :meth:`ranked_cells` in grid order (the order of every per-anchor tensor)."""
+        return self.ranked_cells(boxes).sort(dim=1).values
 
     @torch.no_grad()
     def candidate_boxes(self, images: torch.Tensor, detections: Detections | None = None) -> torch.Tensor:
@@ -170,7 +182,7 @@ class Embedding(NamedTuple):
     ``visual`` the same before APL's tag score is added (``anchors`` itself without prompts);
     ``anchor_boxes`` ``[B,K,4,5+C]`` the selected ``cells``' ``[B,K]`` boxes; ``pooled`` ``[B,E,D]``
     the language encoder's output; ``maps`` the fused stride-32 map, or with APL's alignment the
-    fused stride 8, 16 and 32 maps."""
+    fused stride 8, 16 and 32 maps; ``ranked_cells`` the same cells most confident first."""
     anchors: torch.Tensor
     texts: torch.Tensor
     anchor_boxes: torch.Tensor
@@ -178,6 +190,13 @@ class Embedding(NamedTuple):
     pooled: torch.Tensor
     maps: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     cells: torch.Tensor
+    ranked_cells: torch.Tensor
+
+
+def rank_cells(boxes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boxes ``[B, cells, 4, 5+C]`` -> the ``k`` cells whose 4 boxes have the highest mean objectness,
+    most confident first: ``[B, k]``."""
+    return boxes[..., 4].mean(-1).topk(k, dim=1).indices
 
 
 def _gather_cells(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

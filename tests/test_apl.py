@@ -7,7 +7,8 @@ import torch
 from datasets import RefDataset, build_loader
 from datasets.tokens import UNK
 from models import build_model
-from models.apl import APL_COLOURS, AnchorPrompts, TextReconstruction, region_mean_colours, sine_position_embedding
+from models.apl import (APL_COLOURS, AnchorPrompts, TextReconstruction, nearest_colour, region_mean_colours,
+                        sine_position_embedding)
 from models.box_prediction import cell_boxes
 from models.loss import rec_loss
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
@@ -56,14 +57,13 @@ def test_a_red_squares_anchor_gets_the_word_red(tiny_overrides):
     assert [[_word(t) for t in image[:, 0]] for image in tokens] == [["red", "gray"], ["blue", "UNK"]]
 
 
-def test_mean_colours_equal_a_loop_over_pixels(tiny_overrides):
-    cfg = _cfg(tiny_overrides)
+def test_mean_colours_equal_a_loop_over_pixels():
     g = torch.Generator().manual_seed(0)
     rgb = torch.rand(3, 3, 40, 40, generator=g)
     boxes = torch.tensor([[[20, 20, 10, 6], [5, 5, 30, 30], [-10, 35, 30, 30]],
                           [[0.4, 0.4, 0.5, 0.5], [39.5, 39.5, 9, 9], [20, 20, 80, 80]],
                           [[12.3, 7.9, 4.4, 13.1], [30, 10, 3, 3], [25, 25, 2, 2]]])
-    got = region_mean_colours(_normalised(rgb, cfg), boxes, torch.tensor(cfg.MEAN), torch.tensor(cfg.STD))
+    got = region_mean_colours(rgb, boxes, "one_pixel")
     for i in range(3):
         for k in range(3):
             cx, cy, w, h = boxes[i, k].tolist()
@@ -71,10 +71,14 @@ def test_mean_colours_equal_a_loop_over_pixels(tiny_overrides):
             x2, y2 = max(int(min(max(cx + w / 2, 0), 40)), x1 + 1), max(int(min(max(cy + h / 2, 0), 40)), y1 + 1)
             expected = rgb[i, :, y1:y2, x1:x2].mean(dim=(1, 2))
             torch.testing.assert_close(got[i, k], expected, atol=1e-5, rtol=0)
+    # APL's code: a box with no whole pixel (here 0.4 +- 0.25 px) has no mean, and takes the first word.
+    apl = region_mean_colours(rgb, boxes, "first_colour")
+    assert apl[1, 0].isnan().all() and not apl[0].isnan().any()
+    assert nearest_colour(apl, torch.tensor(list(APL_COLOURS.values())))[1, 0] == 0
 
 
 def test_position_embedding_is_the_sine_of_the_centre_and_changes_with_it(tiny_overrides):
-    cfg = _cfg(tiny_overrides, "APL_POSITION_PROMPT=true")
+    cfg = _cfg(tiny_overrides, "APL_POSITION_PROMPT=true", "APL_POSITION_SIDE=0")
     prompts = AnchorPrompts(cfg, VOCAB, None, len(VOCAB))
     embedding = prompts.position_embedding(_cells([(32, 64, 10, 10), (96, 64, 10, 10), (32, 64, 50, 20)]), 128)
     assert embedding.shape == (1, 3, cfg.HIDDEN_SIZE)
@@ -88,18 +92,27 @@ def test_position_embedding_is_the_sine_of_the_centre_and_changes_with_it(tiny_o
     third = 2 * math.pi * 0.25 / 10000 ** (2 / half)
     assert x_part[2] == pytest.approx(math.sin(third), abs=1e-6)
     torch.testing.assert_close(sine_position_embedding(torch.tensor([0.0, 0.0]), 4), torch.tensor([0.0, 1, 0, 1]))
+    # APL's code divides by 416 whatever the input side (APL_POSITION_SIDE's default).
+    apl = AnchorPrompts(_cfg(tiny_overrides, "APL_POSITION_PROMPT=true"), VOCAB, None, len(VOCAB))
+    centre = apl.position_embedding(_cells([(32, 64, 10, 10)]), 128)[0, 0]
+    assert centre[half] == pytest.approx(math.sin(2 * math.pi * 32 / 416), abs=1e-6)
 
 
 def test_category_prompt_is_the_detectors_top_class_name(tiny_overrides):
-    cfg = _cfg(tiny_overrides, "APL_CATEGORY_PROMPT=true", "APL_COLOUR_PROMPT=true")
+    cfg = _cfg(tiny_overrides, "APL_CATEGORY_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_TAG_WORDS=tokens")
     prompts = AnchorPrompts(cfg, VOCAB, None, len(VOCAB))
     boxes = torch.cat([_cells([(20, 20, 10, 10)], top_class=1), _cells([(20, 20, 10, 10)], top_class=2)])
     boxes[0, 0, 0, 5:] = torch.tensor([0.0, 0.0, 0.99])  # one box of four disagrees: the mean decides
-    tokens = prompts.tag_tokens(_normalised(torch.full((2, 3, 64, 64), 0.5), cfg), boxes)
+    images = _normalised(torch.full((2, 3, 64, 64), 0.5), cfg)
+    tokens = prompts.tag_tokens(images, boxes)
     assert tokens.shape == (2, 1, 3)  # colour word, then the longest class name's two tokens
     assert [_word(t) for t in tokens[0, 0]] == ["gray", "traffic", "light"]
     assert [_word(t) for t in tokens[1, 0]] == ["gray", "UNK", "PAD"]  # 'zebra' is not in VOCAB
     assert prompts.colour_ids.tolist() == [VOCAB.index(w) if w in VOCAB else UNK for w in APL_COLOURS]
+    # APL's code looks the whole class name up as one word: two-word names are UNK, every tag 2 tokens.
+    apl = AnchorPrompts(_cfg(tiny_overrides, "APL_CATEGORY_PROMPT=true", "APL_COLOUR_PROMPT=true",
+                             "APL_UNNORMALIZE=per_channel"), VOCAB, None, len(VOCAB))
+    assert [[_word(t) for t in image[0]] for image in apl.tag_tokens(images, boxes)] == [["gray", "UNK"]] * 2
 
 
 def test_prompts_change_the_anchor_embeddings_by_the_soft_weights(tiny_overrides):
@@ -229,7 +242,8 @@ def test_alignment_in_burn_in_and_reconstruction_leave_the_refclip_terms_unchang
     base_cfg = _cfg(tiny_overrides, "DROPOUT_R=0.0")
     refclip = build_model(base_cfg, None, len(VOCAB), VOCAB)
     apl = build_model(_cfg(tiny_overrides, "DROPOUT_R=0.0", "APL_RECON_WEIGHT=0.5", "APL_ALIGNMENT=true",
-                           "APL_ALIGN_BURN_IN=1", "APL_ALIGN_PREDICT=false"), None, len(VOCAB), VOCAB)
+                           "APL_ALIGN_BURN_IN=1", "APL_ALIGN_PREDICT=false", "APL_BURN_IN_COUNT=training_steps"),
+                      None, len(VOCAB), VOCAB)
     assert apl.ranks_anchors and refclip.ranks_anchors
     missing = _same_weights(refclip, apl)
     assert missing and all(k.startswith(("reconstruction.", "alignment.")) for k in missing)

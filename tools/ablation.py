@@ -1,7 +1,8 @@
 """Ablation of the ACCV 2024 components on one config: RefCLIP, +CMA, +FNS, +ER, full (and the CMA rows
 again with CMA_CONDITION=query), FNS+ER (the quickstart's model); then APL's parts on RefCLIP:
 +position, +colour, +category prompts, +recon(struction), +alignment, all of them (apl), and all of
-them on the quickstart's model (apl+fns+er).
+them on the quickstart's model (apl+fns+er); the last two again with every quirk of APL's code switched to
+the intended computation (apl-intended, apl+fns+er-intended).
 
     python -m tools.ablation --config config/synthetic.yaml [KEY=VALUE ...]
 
@@ -26,7 +27,8 @@ from utils.config import load_config
 # the CMA on the expression being scored instead of the image's own (CMA_CONDITION); 'fns+er' is the
 # quickstart's model. The APL rows add one part of APL (ECCV 2024) each to RefCLIP, 'apl' all of them,
 # 'apl+fns+er' all of them to the quickstart's model (the config's DETECTOR_CLASS_NAMES and
-# APL_ALIGN_BURN_IN apply).
+# APL_ALIGN_BURN_IN apply). APL's rows compute what APL's code computes, quirks included; the
+# '-intended' rows switch every quirk to the computation APL's paper describes.
 REFCLIP = ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"]
 # RefCLIP + FNS + ER with three expressions per sample and no CMA: what config/synthetic.yaml trains.
 DEMO = ["USE_CMA=false", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"]
@@ -34,6 +36,10 @@ APL_ON = ["APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PR
           "APL_ALIGNMENT=true"]
 APL_OFF = ["APL_POSITION_PROMPT=false", "APL_COLOUR_PROMPT=false", "APL_CATEGORY_PROMPT=false",
            "APL_RECON_WEIGHT=0.0", "APL_ALIGNMENT=false"]
+# Every quirk of APL's code switched to the computation APL's paper describes (docs: APL).
+APL_INTENDED = ["APL_UNNORMALIZE=per_channel", "APL_COLOUR_EMPTY_BOX=one_pixel", "APL_TAG_WORDS=tokens",
+                "APL_POSITION_SIDE=0", "APL_SCATTER_ORDER=grid", "APL_RECON_ANCHOR=own", "APL_HEAD_OBJ_PRIOR=0.01",
+                "APL_BURN_IN_COUNT=training_steps"]
 VARIANTS = {
     "refclip": [*APL_OFF, *REFCLIP],
     "+cma": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
@@ -52,6 +58,8 @@ VARIANTS = {
     "+alignment": [*APL_OFF, *REFCLIP, "APL_ALIGNMENT=true"],
     "apl": [*REFCLIP, *APL_ON],
     "apl+fns+er": [*DEMO, *APL_ON],
+    "apl-intended": [*REFCLIP, *APL_ON, *APL_INTENDED],
+    "apl+fns+er-intended": [*DEMO, *APL_ON, *APL_INTENDED],
 }
 
 

@@ -211,12 +211,38 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "APL_RECON_WEIGHT": (0.0, "weight of APL's text reconstruction loss: the best anchor's embedding, "
                              "decoded by an MLP, regresses the expression's embedding (MSE); APL: 1.0; "
                              "0 disables it"),
-        "APL_RECON_ANCHOR": ("own", "which anchor reconstructs an expression: 'own', the best of its own "
-                             "image; 'batch_sum', ranked by its similarity summed over every image of the "
-                             "batch, as APL's code computes it"),
+        "APL_RECON_ANCHOR": ("batch_sum", "which anchor reconstructs an expression: 'batch_sum' (APL's code), "
+                             "the anchor index ranked by its similarity summed over every image of the "
+                             "batch, taken from the expression's image; 'own', the best of its own image"),
         "APL_ALIGNMENT": (False, "APL visual alignment: a language-fused multi-scale neck and an "
                           "anchor-free box head, trained on the weak model's own best-anchor boxes"),
-        "APL_ALIGN_BURN_IN": (0, "training steps before the alignment loss is added (APL's BURN_IN)"),
+        "APL_ALIGN_BURN_IN": (0, "forwards before the alignment loss is added (APL's BURN_IN; counted as "
+                              "APL_BURN_IN_COUNT says)"),
+        # Quirks of APL's code (github.com/Yaxin9Luo/APL), kept by default; each switch's other value is
+        # the computation APL's paper describes (docs: APL, "quirks of APL's code").
+        "APL_UNNORMALIZE": ("batch_axis", "how the colour prompt turns the normalised image back into RGB: "
+                            "'batch_axis' (APL's code zips MEAN/STD with the batch axis: images 0-2 of a batch "
+                            "get one channel's MEAN/STD on all channels, the others stay normalised) or "
+                            "'per_channel' (x * STD[c] + MEAN[c])"),
+        "APL_COLOUR_EMPTY_BOX": ("first_colour", "colour word of a box that holds no whole pixel: "
+                                 "'first_colour' (APL's code: its mean is NaN and the first table word, blue, "
+                                 "wins) or 'one_pixel' (the pixel at its clamped top-left corner)"),
+        "APL_TAG_WORDS": ("apl", "how tag words become tokens: 'apl' (APL's code: the whole class name is one "
+                          "token, so two-word names are UNK, and 'maroon' and 'turquoise' are UNK) or 'tokens' "
+                          "(each word tokenized and looked up in the vocabulary)"),
+        "APL_POSITION_SIDE": (416, "the position prompt divides anchor centres by this many pixels (APL's "
+                              "code: 416 whatever the input size); 0: by the input side"),
+        "APL_SCATTER_ORDER": ("score", "which cell each prompted anchor is written back into for the "
+                              "alignment head: 'score' (APL's code pairs anchors held in grid order with "
+                              "cells in score order, so most cells receive another cell's anchor) or 'grid' "
+                              "(each anchor into its own cell)"),
+        "APL_HEAD_OBJ_PRIOR": (0.0, "initial objectness probability of the alignment head's cells: 0 keeps "
+                               "PyTorch's default bias initialisation (APL's code never calls its bias "
+                               "initialisation); 0.01: YOLOX's and SimREC's intended prior"),
+        "APL_BURN_IN_COUNT": ("every_forward", "what APL_ALIGN_BURN_IN counts: 'every_forward' (APL's code: "
+                              "every forward of the model, evaluation included, the loss counting from the "
+                              "APL_ALIGN_BURN_IN-th on) or 'training_steps' (the loss counts after "
+                              "APL_ALIGN_BURN_IN training steps)"),
         "APL_ALIGN_PREDICT": (True, "with APL_ALIGNMENT, evaluation boxes come from the alignment head, as "
                               "in APL; false: from the anchor ranking, the head only adds its loss"),
     },
@@ -234,7 +260,8 @@ MODEL_KEYS = ("INPUT_SHAPE", "MEAN", "STD", "MAX_TOKEN", "ANCHORS", "ANCH_MASK",
               "VIS_MIN_CHANNELS", "SPP_KERNELS", "WORD_EMBED_SIZE", "HIDDEN_SIZE", "N_SA", "MULTI_HEAD",
               "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS",
               "DETECTOR_CLASS_NAMES", "APL_POSITION_PROMPT", "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT",
-              "APL_ALIGNMENT", "APL_ALIGN_PREDICT")
+              "APL_ALIGNMENT", "APL_ALIGN_PREDICT", "APL_UNNORMALIZE", "APL_COLOUR_EMPTY_BOX", "APL_TAG_WORDS",
+              "APL_POSITION_SIDE", "APL_SCATTER_ORDER")
 
 # Keys of the reference's configs that this project does not have, and what to do about them.
 _RETIRED = {
@@ -251,7 +278,10 @@ _CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP":
             "CMA_ATTENTION": ("reference", "standard"), "PSEUDO_LABEL_EXPRESSIONS": ("all", "first"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
             "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
-            "DIST_BACKEND": ("auto", "nccl", "gloo"), "APL_RECON_ANCHOR": ("own", "batch_sum")}
+            "DIST_BACKEND": ("auto", "nccl", "gloo"), "APL_RECON_ANCHOR": ("own", "batch_sum"),
+            "APL_UNNORMALIZE": ("batch_axis", "per_channel"), "APL_COLOUR_EMPTY_BOX": ("first_colour", "one_pixel"),
+            "APL_TAG_WORDS": ("apl", "tokens"), "APL_SCATTER_ORDER": ("score", "grid"),
+            "APL_BURN_IN_COUNT": ("every_forward", "training_steps")}
 
 # Numeric keys and their ranges: (lowest, highest), None for unbounded.
 _RANGES = {
@@ -262,9 +292,10 @@ _RANGES = {
                                   "DET_WARMUP", "DET_WARMUP_LR", "DET_MIN_LR", "DET_WEIGHT_DECAY",
                                   "DET_GRAD_NORM_CLIP", "DET_CLS_WEIGHT", "FNS_WEIGHT", "ER_WEIGHT",
                                   "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST",
-                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN")},
+                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN", "APL_POSITION_SIDE")},
     **{key: (0, 1) for key in ("EMA_DECAY", "DET_EMA_DECAY", "DROPOUT_R", "DET_IGNORE_IOU", "DET_SCORE_MIN",
                                "DET_NMS_IOU", "DET_AP_IOU")},
+    "APL_HEAD_OBJ_PRIOR": (0, 0.5),
 }
 _POSITIVE = ("LR", "DET_LR", "VIS_WIDTH", "BOX_HEAD_CHANNELS", "BOX_CENTER_RADIUS")
 _OPEN_UNIT = ("DET_OBJECTNESS_PRIOR",)  # probabilities a logit is taken of: strictly between 0 and 1

@@ -41,6 +41,16 @@ class ModelEMA:
         for ema_value, value in zip(self._plan.copied_ema, self._plan.copied_model):
             ema_value.copy_(value)
 
+    @torch.no_grad()
+    def return_counters(self, model: nn.Module) -> None:
+        """Copy the average's integer buffers back to ``model``. Updates copy them the other way, so
+        they differ only where evaluating the average advanced a counter (APL's burn-in counts
+        evaluation forwards: APL evaluates the model it trains)."""
+        model = unwrap_model(model)
+        for ema_value, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if not ema_value.dtype.is_floating_point:
+                value.copy_(ema_value)
+
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "step": self.step, "decay": self.decay}
 

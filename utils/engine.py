@@ -305,6 +305,8 @@ def fit(state: TrainState, loader, losses: Losses, logger: MetricLogger, run: Ru
             improved = False
             if run.validate is not None and (state.epoch % run.validate_every == 0 or state.epoch == run.epochs):
                 acc = run.validate(state.eval_model)
+                if state.ema is not None:
+                    state.ema.return_counters(state.model)
                 improved = acc > state.best_acc
                 state.best_acc = max(state.best_acc, acc)
             ckpt = state.checkpoint(**run.extra)
