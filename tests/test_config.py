@@ -170,7 +170,9 @@ def test_a_checkpoint_config_of_the_earlier_layout_still_loads():
 def test_every_ablation_row_is_a_valid_config_and_rows_differ():
     loaded = {name: load_config("config/synthetic.yaml", overrides) for name, overrides in VARIANTS.items()}
     keys = ("USE_CMA", "CMA_CONDITION", "NUM_REFS", "FNS_WEIGHT", "ER_WEIGHT", "APL_POSITION_PROMPT",
-            "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT", "APL_RECON_WEIGHT", "APL_ALIGNMENT")
+            "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT", "APL_RECON_WEIGHT", "APL_ALIGNMENT", "APL_UNNORMALIZE",
+            "APL_COLOUR_EMPTY_BOX", "APL_TAG_WORDS", "APL_POSITION_SIDE", "APL_SCATTER_ORDER", "APL_RECON_ANCHOR",
+            "APL_HEAD_OBJ_PRIOR", "APL_BURN_IN_COUNT")
     settings = {name: tuple(cfg[key] for key in keys) for name, cfg in loaded.items()}
     assert len(set(settings.values())) == len(settings), "two ablation rows train the same model"
     demo = load_config("config/synthetic.yaml")
