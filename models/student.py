@@ -104,7 +104,8 @@ class Student(nn.Module):
             module.requires_grad_(False)
         self.attention = CollectDiffuseAttention(s32, hidden)
         self.box_head = BoxHead(s32, cfg.BOX_HEAD_CHANNELS, HEAD_STRIDES[0], cfg.BOX_IOU_LOSS, cfg.BOX_IOU_WEIGHT,
-                                cfg.BOX_L1_WEIGHT, obj_cost=cfg.BOX_OBJ_COST, center_radius=cfg.BOX_CENTER_RADIUS)
+                                cfg.BOX_L1_WEIGHT, obj_cost=cfg.BOX_OBJ_COST, center_radius=cfg.BOX_CENTER_RADIUS,
+                                activation=cfg.BOX_ACTIVATION)
 
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)

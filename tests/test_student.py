@@ -137,6 +137,19 @@ def test_arch_and_box_loss_are_checked():
         load_config("config/refcoco.yaml", ["ARCH=simrec"])
     with pytest.raises(ConfigError, match="BOX_IOU_LOSS must be 'iou' or 'giou'"):
         load_config("config/refcoco.yaml", ["BOX_IOU_LOSS=ciou"])
+    with pytest.raises(ConfigError, match="BOX_ACTIVATION must be 'leaky' or 'silu'"):
+        load_config("config/refcoco.yaml", ["BOX_ACTIVATION=relu"])
+
+
+def test_simrec_head_settings_are_one_override_away(tiny_overrides):
+    """SimREC's head: SiLU, an assignment cost of 3 x IoU only, no L1 (docs: the student)."""
+    cfg = load_config("config/refcoco_student.yaml", tiny_overrides + [
+        "BOX_ACTIVATION=silu", "BOX_OBJ_COST=0", "BOX_L1_WEIGHT=0"])
+    head = build_model(cfg, None, 10).box_head
+    assert all(isinstance(block.act, torch.nn.SiLU) for block in (head.stem, *head.convs))
+    assert head.obj_cost == head.l1_weight == 0 and head.iou_cost == 3
+    default = build_model(load_config("config/refcoco_student.yaml", tiny_overrides), None, 10).box_head
+    assert isinstance(default.stem.act, torch.nn.LeakyReLU)
 
 
 @pytest.mark.parametrize("name", ["refcoco", "refcoco+", "refcocog", "referit", "synthetic"])

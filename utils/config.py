@@ -192,6 +192,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
                           "adds it for its last epochs; 0: SimREC's default, none)"),
         "BOX_OBJ_COST": (1.0, "student: weight of the objectness term in the assignment cost, beside 3 x the "
                          "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)"),
+        "BOX_ACTIVATION": ("leaky", "student: the box head's activation, 'leaky' (LeakyReLU 0.1, the detector's) "
+                           "or 'silu' (SimREC's)"),
         "BOX_CENTER_RADIUS": (2.5, "student: cells whose centre lies within this many strides of the target's "
                               "centre are candidates, beside those inside the box (SimOTA's 2.5)"),
         # APL (ECCV 2024), models/apl.py; every switch off is the model above, unchanged.
@@ -258,7 +260,7 @@ _SECTION_OF = {key: section for section, keys in SCHEMA.items() for key in keys}
 # evaluating a checkpoint must agree with the checkpoint's on each of them.
 MODEL_KEYS = ("INPUT_SHAPE", "MEAN", "STD", "MAX_TOKEN", "ANCHORS", "ANCH_MASK", "CLASS_NUM", "VIS_WIDTH",
               "VIS_MIN_CHANNELS", "SPP_KERNELS", "WORD_EMBED_SIZE", "HIDDEN_SIZE", "N_SA", "MULTI_HEAD",
-              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS",
+              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS", "BOX_ACTIVATION",
               "DETECTOR_CLASS_NAMES", "APL_POSITION_PROMPT", "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT",
               "APL_ALIGNMENT", "APL_ALIGN_PREDICT", "APL_UNNORMALIZE", "APL_COLOUR_EMPTY_BOX", "APL_TAG_WORDS",
               "APL_POSITION_SIDE", "APL_SCATTER_ORDER")
@@ -274,7 +276,7 @@ _RETIRED = {
 _RENAMED_VALUES = {("CMA_ATTENTION", "seed"): "reference"}
 
 # Keys that take one of a few words.
-_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "AMP": ("none", "bf16", "fp16"),
+_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "BOX_ACTIVATION": ("leaky", "silu"), "AMP": ("none", "bf16", "fp16"),
             "CMA_ATTENTION": ("reference", "standard"), "PSEUDO_LABEL_EXPRESSIONS": ("all", "first"),
             "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
             "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
