@@ -13,6 +13,7 @@ from models.box_prediction import cell_boxes
 from models.loss import rec_loss
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
 from utils.config import ConfigError, load_config
+from utils.ema import ModelEMA
 
 VOCAB = ["PAD", "UNK", "CLS", "the", "red", "gray", "blue", "square", "traffic", "light", "one"]
 PROMPTS = ["APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PROMPT=true"]
@@ -271,3 +272,25 @@ def test_apl_config_errors_say_what_to_fix():
         load_config(None, ["APL_ALIGN_BURN_IN=-1"])
     with pytest.raises(ValueError, match="need the vocabulary"):
         build_model(load_config(None, ["APL_COLOUR_PROMPT=true", "PRETRAIN_WEIGHT=none"]), None, 10)
+
+
+@pytest.mark.parametrize("count, expected", [("every_forward", 3), ("training_steps", 1)])
+def test_burn_in_counter_sees_the_evaluation_of_the_average(tiny_overrides, count, expected):
+    """APL's code evaluates the model it trains, so its burn-in counts evaluation forwards; here the
+    engine evaluates the EMA copy and hands its counters back (ModelEMA.return_counters)."""
+    torch.manual_seed(0)
+    cfg = _cfg(tiny_overrides, "APL_ALIGNMENT=true", f"APL_BURN_IN_COUNT={count}")
+    model = build_model(cfg, None, len(VOCAB), VOCAB)
+    g = torch.Generator().manual_seed(1)
+    images, refs = torch.randn(2, 3, 128, 128, generator=g), torch.randint(3, len(VOCAB), (2, 1, 6), generator=g)
+    model.train()
+    model(images, refs)
+    ema = ModelEMA(model)
+    ema.update(model)
+    with torch.no_grad():
+        ema.module(images, refs)
+        ema.module(images, refs)
+    ema.return_counters(model)
+    assert int(model.alignment.steps) == expected
+    ema.update(model)
+    assert int(ema.module.alignment.steps) == expected
