@@ -133,7 +133,8 @@ def _rewrite(rest: str, rules: list[tuple[str, str]], forward: bool) -> str:
 
 
 def _split_top(key: str, forward: bool) -> tuple[str, str, str] | None:
-    """(reference top-level name, the other naming's, rest of the key), or None if no module matches."""
+    """(the module's name in the reference's naming, its name in the naming converted to, the rest
+    of the key), or None where no module matches."""
     for ref, ours in _TOP_ORDER:
         own, other = (ref, ours) if forward else (ours, ref)
         if key.startswith(own + "."):
@@ -182,6 +183,6 @@ def detector_weight_file_state_dict(visual_encoder: nn.Module) -> dict[str, torc
 
 
 def reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in the reference's naming (what the reference code would save; for an
-    APL model, APL's naming)."""
-    return {to_reference(k): v for k, v in model.state_dict().items()}
+    """``model.state_dict()`` in the reference's naming: what the reference code would save (for an
+    APL model, what APL's code would: APL's naming, without ``NOT_IN_APL_CHECKPOINTS``)."""
+    return {to_reference(k): v for k, v in model.state_dict().items() if k not in NOT_IN_APL_CHECKPOINTS}
