@@ -1,11 +1,13 @@
-"""The reference's parameter names, mapped to this project's in one place.
+"""The parameter names of the reference's code and of APL's, mapped to this project's in one place.
 
 Checkpoints trained by the reference code, and its pretrained YOLOv3 weight
 files, use names such as ``process_model.inpu.weight`` or
-``module_list.19.Feature_adaption.dconv.weight``. The modules here use
+``module_list.19.Feature_adaption.dconv.weight``. APL's code (models/APL/net.py)
+builds on the same modules and adds its own (``tag_encoder``, ``sup_head``, ...),
+so its checkpoints are mapped by the same tables. The modules here use
 descriptive names; ``to_ours`` / ``to_reference`` translate whole keys. The
-loaders that read the reference's files with this mapping, and report every
-key that does not fit, are in ``utils/checkpoint.py``.
+loaders that read these files with this mapping, and report every key that does
+not fit, are in ``utils/checkpoint.py``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 # Top-level modules: reference name -> ours.
-_TOP = {
+_REFERENCE_TOP = {
     "visual_encoder": "visual_encoder",
     "lang_encoder": "language_encoder",
     "multi_scale_manner": "fusion",
@@ -23,6 +25,21 @@ _TOP = {
     "linear_vs": "anchor_proj",
     "linear_ts": "expr_proj",
 }
+# The modules only APL's Net has: APL name -> ours.
+_APL_TOP = {
+    "tag_encoder": "prompts.tag_encoder",
+    "linear_vs_pos": "prompts.visual_proj",
+    "linear_tag": "prompts.tag_proj",
+    "soft_weights": "prompts.soft_weights",
+    "linear_decoder": "reconstruction.decoder",
+    "linear_vs_proj": "alignment.anchor_proj",
+    "fusion_manner": "alignment.gates",
+    "multi_scale_manner_sup": "alignment.multi_scale",
+    "attention_manner": "alignment.attention",
+    "sup_head": "alignment.head",
+}
+_TOP = {**_REFERENCE_TOP, **_APL_TOP}
+_TOP_ORDER = sorted(_TOP.items(), key=lambda item: -len(item[1]))  # longest of ours first
 
 # Per top-level module: (reference, ours) templates for the rest of the key, matched at its
 # start, first match wins (specific before generic in both columns). {n}: an index;
@@ -68,8 +85,34 @@ _AT_START = {
         ("gamma.0.", "to_gamma."),
         ("beta.0.", "to_beta."),
     ],
+    # APL's SimpleFusion; its q_proj.1 (a BatchNorm) and v_proj.0's bias have no counterpart here.
+    "fusion_manner": [
+        ("{n}.v_proj.0.", "{n}.visual.conv."),
+        ("{n}.v_proj.1.", "{n}.visual.bn."),
+        ("{n}.q_proj.0.", "{n}.text.0."),
+    ],
+    # APL's GaranAttention; its w_m (a map nothing reads) has no counterpart here.
+    "attention_manner": [
+        ("w_qs.", "query."),
+        ("w_kc.", "collect_key."),
+        ("w_kd.", "diffuse_key."),
+        ("w_vs.", "value."),
+        ("w_o.", "out."),
+        ("layer_norm.", "norm."),
+    ],
+    "sup_head": [
+        ("stems.0.", "stem."),
+        ("reg_convs.0.", "convs."),
+        ("reg_preds.0.", "reg."),
+        ("obj_preds.0.", "obj."),
+    ],
 }
-_ANYWHERE = [(".batch_norm.", ".bn.")]
+_AT_START["tag_encoder"] = _AT_START["lang_encoder"]
+_AT_START["multi_scale_manner_sup"] = _AT_START["multi_scale_manner"]
+# Segments renamed wherever they occur, in the modules built from darknet convolutions
+# (APL's own convolution blocks already say ``bn``).
+_ANYWHERE = {module: [(".batch_norm.", ".bn.")]
+             for module in ("visual_encoder", "multi_scale_manner", "multi_scale_manner_sup")}
 _PLACEHOLDERS = {"n": r"\d+", "h": r"19|28|37"}
 
 
@@ -89,20 +132,33 @@ def _rewrite(rest: str, rules: list[tuple[str, str]], forward: bool) -> str:
     return rest
 
 
+def _split_top(key: str, forward: bool) -> tuple[str, str, str] | None:
+    """(the module's name in the reference's naming, its name in the naming converted to, the rest
+    of the key), or None where no module matches."""
+    for ref, ours in _TOP_ORDER:
+        own, other = (ref, ours) if forward else (ours, ref)
+        if key.startswith(own + "."):
+            return ref, other, key[len(own) + 1:]
+    return None
+
+
 def _convert(key: str, forward: bool, module: str | None) -> str:
     if module is None:
-        top, _, rest = key.partition(".")
-        names = _TOP if forward else {v: k for k, v in _TOP.items()}
-        if top not in names:
+        split = _split_top(key, forward)
+        if split is None:
             return key
-        ref_top = top if forward else names[top]
-        new_top = names[top]
+        ref_top, new_top, rest = split
     else:
         rest, ref_top, new_top = key, module, None
     rest = _rewrite(rest, _AT_START.get(ref_top, []), forward)
-    for ref, ours in _ANYWHERE:
+    for ref, ours in _ANYWHERE.get(ref_top, []):
         rest = rest.replace(*((ref, ours) if forward else (ours, ref)))
     return rest if new_top is None else f"{new_top}.{rest}"
+
+
+def is_apl_key(key: str) -> bool:
+    """Whether ``key`` (in the reference's or APL's naming) belongs to a module only APL's Net has."""
+    return key.partition(".")[0] in _APL_TOP
 
 
 def to_ours(key: str, module: str | None = None) -> str:
@@ -116,11 +172,17 @@ def to_reference(key: str, module: str | None = None) -> str:
     return _convert(key, False, module)
 
 
+# State of this project's APL model that APL's checkpoints do not hold: APL counts its burn-in in
+# a plain attribute (``Net.iter``), which is not saved. Loading keeps the model's own value.
+NOT_IN_APL_CHECKPOINTS = ("alignment.steps",)
+
+
 def detector_weight_file_state_dict(visual_encoder: nn.Module) -> dict[str, torch.Tensor]:
     """The visual encoder's weights with the keys of the reference's detector weight files."""
     return {to_reference(k, module="visual_encoder"): v for k, v in visual_encoder.state_dict().items()}
 
 
 def reference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in the reference's naming (what the reference code would save)."""
-    return {to_reference(k): v for k, v in model.state_dict().items()}
+    """``model.state_dict()`` in the reference's naming: what the reference code would save (for an
+    APL model, what APL's code would: APL's naming, without ``NOT_IN_APL_CHECKPOINTS``)."""
+    return {to_reference(k): v for k, v in model.state_dict().items() if k not in NOT_IN_APL_CHECKPOINTS}

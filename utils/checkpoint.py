@@ -1,20 +1,20 @@
 """Checkpoint files: written atomically, read without unpickling arbitrary objects, loaded into
-models with every key that does not fit reported; the reference's files through the key mapping of
-``models/reference_keys.py``."""
+models with every key that does not fit reported; the reference's and APL's files through the key
+mapping of ``models/reference_keys.py``."""
 from __future__ import annotations
 
 import os
 import random
 import tempfile
 import warnings
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from models import REC, Student, build_model
-from models.reference_keys import to_ours
+from models.reference_keys import NOT_IN_APL_CHECKPOINTS, is_apl_key, to_ours, to_reference
 
 from .config import Config, ConfigError, changed_model_keys, config_from_checkpoint_dict, load_config
 
@@ -36,12 +36,19 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` that reports every missing, unexpected and mis-shaped key at once."""
+def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                  file_key: Callable[[str], str] | None = None) -> None:
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped key at once.
+    ``file_key``: the name a key of the model has in the file, shown beside it where it differs."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(expected[k].shape)} in the model"
+
+    def in_file(key: str) -> str:
+        theirs = key if file_key is None else file_key(key)
+        return "" if theirs == key else f" ({theirs} in the file)"
+
+    missing = [k + in_file(k) for k in sorted(set(expected) - set(state_dict))]
+    unexpected = [k + in_file(k) for k in sorted(set(state_dict) - set(expected))]
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(expected[k].shape)} in the model{in_file(k)}"
               for k in sorted(set(expected) & set(state_dict))
               if tuple(state_dict[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
@@ -59,7 +66,30 @@ def load_reference_state_dict(model: nn.Module, state_dict: Mapping) -> None:
     with or without DDP's ``module.`` prefix) into ``model``. Nothing is skipped: any key that is
     missing, unexpected or of another shape raises :class:`CheckpointMismatchError`."""
     weights = {to_ours(k): v for k, v in unwrap_state_dict(state_dict).items()}
-    load_matching(model, weights, "the reference state dict")
+    load_matching(model, weights, "the reference state dict", to_reference)
+
+
+def is_apl_checkpoint(obj: Mapping) -> bool:
+    """Whether ``obj`` (a state dict or a checkpoint holding one) was saved by APL's code: it holds
+    a module only APL's Net has (``tag_encoder``, ``sup_head``, ``linear_vs_pos``, ...)."""
+    return any(is_apl_key(k) for k in unwrap_state_dict(obj))
+
+
+def load_apl_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+    """Load a state dict saved by APL's code (raw, or a checkpoint holding ``'state_dict'``, with or
+    without DDP's ``module.`` prefix) into the model of an APL config (``config/apl_*.yaml``).
+    Nothing is skipped: any key that is missing, unexpected or of another shape raises
+    :class:`CheckpointMismatchError`, naming it in both namings. The model's state that APL does
+    not save (``NOT_IN_APL_CHECKPOINTS``) keeps its value."""
+    own = model.state_dict()
+    if not any(is_apl_key(to_reference(k)) for k in own):
+        raise CheckpointMismatchError("the checkpoint was saved by APL's code, but the model has none of APL's "
+                                      "modules: evaluate it with an APL config, e.g. config/apl_refcoco.yaml")
+    weights = {to_ours(k): v for k, v in unwrap_state_dict(state_dict).items()}
+    for key in NOT_IN_APL_CHECKPOINTS:
+        if key in own and key not in weights:
+            weights[key] = own[key]
+    load_matching(model, weights, "the APL state dict", to_reference)
 
 
 def load_pretrained_backbone(visual_encoder: nn.Module, path: str) -> None:
@@ -180,8 +210,8 @@ def completed_epochs(path: str) -> int:
 def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = None) -> Config:
     """The config a checkpoint of this project was trained with (plus ``overrides``)."""
     if ckpt.get("format") != FORMAT:
-        raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
-                                      "with --config <the config it was trained with>")
+        raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a checkpoint of the reference's or "
+                                      "APL's code?); evaluate it with --config <the config it was trained with>")
     return config_from_checkpoint_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
 
 
@@ -201,8 +231,9 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
     the data will be encoded with), and their config, which must equal ``cfg`` in every key that
     changes what the model computes (``MODEL_KEYS``: INPUT_SHAPE, SELECT_NUM, ...) unless
     ``allow_config_change``; data paths may differ. Reference checkpoints (``{epoch, state_dict,
-    ...}`` in the reference's naming) are mapped by :func:`load_reference_state_dict`. ``ckpt``: the
-    file's contents when the caller has read it already."""
+    ...}`` in the reference's naming) are mapped by :func:`load_reference_state_dict`, and those
+    of APL's code (:func:`is_apl_checkpoint`) by :func:`load_apl_state_dict`. ``ckpt``: the file's
+    contents when the caller has read it already."""
     if ckpt is None:
         ckpt = load_checkpoint(path, "evaluation weights")
     model = build_model(cfg, None, len(vocab), vocab)
@@ -219,6 +250,8 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
             raise ConfigError(f"the config differs from the one {path} was trained with in {differences}: the "
                               "model would not compute what it was trained to; drop these changes (without "
                               "--config the checkpoint's own config is used), or pass --allow-config-change")
+    elif is_apl_checkpoint(ckpt):
+        load_apl_state_dict(model, ckpt)
     else:
         load_reference_state_dict(model, ckpt)
     return model.to(device).eval()
