@@ -44,10 +44,11 @@ def _prompts(fx, *extra) -> AnchorPrompts:
     return AnchorPrompts(_cfg(*extra), vocab, None, len(vocab)).eval()
 
 
-def _apl_weights(weights: dict, apl_prefix: str, ours: str) -> dict:
-    """APL's ``apl_prefix``.* weights renamed for a project module that maps like ``ours``."""
-    return {to_ours(f"{ours}.{k[len(apl_prefix) + 1:]}").split(".", 1)[1]: v
-            for k, v in weights.items() if k.startswith(apl_prefix + ".")}
+def _apl_weights(weights: dict, module: str) -> dict:
+    """The APL-named ``weights`` that map into the project's ``module`` (models/reference_keys.py),
+    keyed as that module's state dict."""
+    mapped = {to_ours(k): v for k, v in weights.items()}
+    return {k[len(module) + 1:]: v for k, v in mapped.items() if k.startswith(module + ".")}
 
 
 def _normalised_images(a) -> torch.Tensor:
@@ -110,10 +111,7 @@ def test_tag_encoder_and_soft_weighted_fusion(fx):
     d = fx["d_tag_fusion"]
     prompts = _prompts(fx)
     w = d["weights"]
-    prompts.tag_encoder.load_state_dict(_apl_weights(w, "tag_encoder", "lang_encoder"))
-    prompts.soft_weights.load_state_dict(_apl_weights(w, "soft_weights", "soft_weights"))
-    prompts.visual_proj.load_state_dict(_apl_weights(w, "linear_vs_pos", "linear_vs_pos"))
-    prompts.tag_proj.load_state_dict(_apl_weights(w, "linear_tag", "linear_tag"))
+    prompts.load_state_dict(_apl_weights(w, "prompts"))
     with torch.no_grad():
         tag_flat, _ = prompts.tag_encoder(d["inputs"]["tag_tokens"].view(136, 2))
         torch.testing.assert_close(tag_flat, d["outputs"]["tag_flat"], **CLOSE)
@@ -137,7 +135,7 @@ def test_reconstruction(fx, rule):
     f = fx["f_reconstruction"]
     vis, lan = f["inputs"]["visual_emb"], f["inputs"]["language_emb"]
     recon = TextReconstruction(512, rule)
-    recon.decoder.load_state_dict(_apl_weights(f["weights"], "linear_decoder", "linear_decoder"))
+    recon.load_state_dict(_apl_weights(f["weights"], "reconstruction"))
     index = recon.anchor_index(vis, lan)[0]
     if rule == "own":  # the intended rule picks other anchors on this batch
         assert not torch.equal(index, f["outputs"]["anchor_index"])
@@ -168,14 +166,7 @@ def _head(fx, part="h_sup_head") -> VisualAlignment:
     """The alignment module at APL's sizes, its box head loaded with APL's sup_head weights."""
     alignment = VisualAlignment(1024, 512, obj_prior=_cfg().APL_HEAD_OBJ_PRIOR)
     if part == "h_sup_head":
-        names = {"stems.0.": "stem.", "reg_convs.0.0.": "convs.0.", "reg_convs.0.1.": "convs.1.",
-                 "reg_preds.0.": "reg.", "obj_preds.0.": "obj."}
-        weights = {}
-        for key, value in fx[part]["weights"].items():
-            rest = key[len("sup_head."):]
-            prefix = next(p for p in names if rest.startswith(p))
-            weights[names[prefix] + rest[len(prefix):]] = value
-        alignment.head.load_state_dict(weights)
+        alignment.head.load_state_dict(_apl_weights(fx[part]["weights"], "alignment.head"))
     return alignment
 
 
@@ -222,8 +213,7 @@ def test_box_head_forward_train_and_eval(fx):
     head.train()
     raw = head(h["inputs"]["features"])
     _check_training_outputs(head, raw.detach(), h["inputs"]["labels"], h["outputs"])
-    for key, value in h["outputs"]["bn_after_train"].items():
-        name = key[len("sup_head."):].replace("stems.0.", "stem.").replace("reg_convs.0.", "convs.")
+    for name, value in _apl_weights(h["outputs"]["bn_after_train"], "alignment.head").items():
         torch.testing.assert_close(head.state_dict()[name], value, **CLOSE)
 
 
