@@ -184,7 +184,7 @@ def test_refs_shape_is_checked(tiny_overrides):
 
 
 def test_text_blind_baselines_pick_among_the_selected_anchors(tiny_overrides):
-    from utils.engine import text_blind_predictor
+    from utils.evaluation import text_blind_predictor
 
     cfg, model = _tiny(tiny_overrides)
     model.eval()

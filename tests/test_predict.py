@@ -13,7 +13,7 @@ import predict
 from datasets import DataError, EntryExpressions, FirstExpression, RefDataset
 from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
 from utils.config import ConfigError
-from utils.engine import entry_boxes, model_boxes as evaluation_predict
+from utils.evaluation import entry_boxes, model_boxes as evaluation_predict
 from utils.predictor import Predictor, vocabulary_warnings
 from utils.visualize import (CORRECT, GROUND_TRUTH, WRONG, contact_sheet, draw_box, draw_evaluation,
                              sample_across_images, text_colour)

@@ -14,7 +14,8 @@ from test_pipeline import overrides, run, tiny, weights  # noqa: F401  (the modu
 from tiny_data import make_tiny_dataset
 from utils.checkpoint import load_matching
 from utils.config import ConfigError, load_config
-from utils.engine import evaluate, gt_xyxy, train_step
+from utils.engine import train_step
+from utils.evaluation import evaluate, gt_xyxy
 from utils.optim import Recipe, build_optimizer, build_scheduler
 
 STRIDE = 8
