@@ -16,7 +16,7 @@ and steps) to check the pipeline, as CI does.
 
 then runs RefCLIP's weakly supervised training scheme on the quickstart's weak model: exports its
 pseudo-labels (``test.py --export-pseudo-labels``), trains the supervised student
-(``config/synthetic_student.yaml``) on them and, for the upper bound, on the ground truth, evaluates
+(``config/synthetic/student.yaml``) on them and, for the upper bound, on the ground truth, evaluates
 both, and prints one table (weak model, both students, the text-blind baselines, per split) and the
 accuracy by kind of expression (``tools/diagnose_synthetic``). Its last line is ``results: PATH``,
 ``{"weak": {split: {"acc", "n"}}, "student_pseudo": ..., "student_gt": ..., "baselines": ...,
@@ -47,7 +47,7 @@ MINI = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--config", default="config/synthetic/quickstart.yaml")
     parser.add_argument("--workdir", default="", help="where data, weights and logs go (default: as the config says)")
     parser.add_argument("--mini", action="store_true", help="a miniature run that checks the pipeline")
     parser.add_argument("--visualize", type=int, default=8, help="predictions to draw")
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student", action="store_true",
                         help="after the quickstart: pseudo-labels, the supervised student on them and on the "
                              "ground truth, one table")
-    parser.add_argument("--student-config", default="config/synthetic_student.yaml")
+    parser.add_argument("--student-config", default="config/synthetic/student.yaml")
     return parser
 
 

@@ -140,10 +140,11 @@ def test_arch_and_box_loss_are_checked():
         load_config("config/refcoco.yaml", ["BOX_IOU_LOSS=ciou"])
 
 
-@pytest.mark.parametrize("name", ["refcoco", "refcoco+", "refcocog", "referit", "synthetic"])
-def test_student_configs_train_on_the_pseudo_labels(name):
-    cfg = load_config(f"config/{name}_student.yaml")
-    base = load_config(f"config/{name}.yaml")
+@pytest.mark.parametrize("student, accv", [*((f"student/{d}", d) for d in ("refcoco", "refcoco+", "refcocog", "referit")),
+                                            ("synthetic/student", "synthetic/quickstart")])
+def test_student_configs_train_on_the_pseudo_labels(student, accv):
+    cfg = load_config(f"config/{student}.yaml")
+    base = load_config(f"config/{accv}.yaml")
     assert cfg.ARCH == "student" and cfg.ann_path == base.ann_path
     assert cfg.train_ann_path.endswith(f"{os.path.basename(base.ann_path)[:-5]}_pseudo.json")
 
