@@ -175,16 +175,23 @@ def test_values_out_of_range_name_the_key(override, message):
         load_config("config/refcoco.yaml", [override])
 
 
-def test_a_checkpoint_config_of_the_earlier_layout_still_loads():
-    from utils.config import config_from_checkpoint_dict
-    earlier = load_config("config/synthetic/quickstart.yaml").to_dict()
-    earlier["TRAIN"].update(earlier.pop("DETECTOR"))  # detector keys were TRAIN keys
-    earlier["MODEL"].update(VIS_ENC="darknet", LANG_ENC="lstm")
-    earlier["DATA"]["MASK_PATH"] = {}
-    earlier["MODEL"]["CMA_ATTENTION"] = "seed"  # the reference's attention, under its earlier name
-    assert config_from_checkpoint_dict(earlier).to_dict() == load_config("config/synthetic/quickstart.yaml").to_dict()
-    with pytest.raises(ConfigError, match="CMA_ATTENTION must be"):
-        load_config("config/synthetic/quickstart.yaml", ["CMA_ATTENTION=seed"])  # a config file uses the current name
+def test_the_configuration_reference_page_is_current():
+    from utils.config import reference_page
+    with open("docs/config.md", encoding="utf-8") as f:
+        assert f.read() == reference_page(), "docs/config.md is stale: run python -m tools.config_reference"
+
+
+def test_the_reference_page_lists_every_key_with_its_rules():
+    from utils.config import MODEL_KEYS, SCHEMA, reference_page
+    page = reference_page()
+    for keys in SCHEMA.values():
+        for key, rules in keys.items():
+            row = next(line for line in page.splitlines() if line.startswith(f"| `{key}` |"))
+            assert ("| yes |" in row) == rules.changes_model == (key in MODEL_KEYS)
+            for choice in rules.choices or ():
+                assert f"`{choice}`" in row
+    assert "| `LR` | `0.0001` | float | > 0 |" in page
+    assert "| `DROPOUT_R` | `0.1` | float | 0 to 1 |" in page
 
 
 def test_every_ablation_row_is_a_valid_config_and_rows_differ():

@@ -16,7 +16,7 @@ from torch import nn
 from models import REC, Student, build_model
 from models.reference_keys import to_ours
 
-from .config import Config, ConfigError, changed_model_keys, config_from_checkpoint_dict, load_config
+from .config import Config, ConfigError, changed_model_keys, config_from_dict, load_config
 
 FORMAT = "rec-train-v1"
 
@@ -182,7 +182,7 @@ def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = 
     if ckpt.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
                                       "with --config <the config it was trained with>")
-    return config_from_checkpoint_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
+    return config_from_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
 
 
 def evaluation_config(weights: str, config: str | None, overrides: list[str]) -> Config:
