@@ -99,7 +99,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "TRAIN_SPLIT": Key("train", "split (or '+'-joined splits) used for training"),
         "VAL_SPLIT": Key("val", "split used for per-epoch validation and best-checkpoint selection"),
         "EVAL_SPLITS": Key([], "splits test.py evaluates; empty: every split of the file except TRAIN_SPLIT"),
-        "NUM_REFS": Key(3, "expressions per training sample (3 for the ACCV 2024 model, 1 for RefCLIP)",
+        "NUM_REFS": Key(3, "expressions per training sample (3 for the ACCV model, 1 for RefCLIP)",
                         range=(1, None)),
         "PSEUDO_LABEL_EXPRESSIONS": Key("all", "what decides a training entry's box in test.py --export-pseudo-labels: "
                                         "'all' sums each candidate anchor's similarity over the entry's expressions "
