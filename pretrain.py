@@ -1,6 +1,6 @@
 """Pretrain the frozen detector (YOLOv3 with guided-anchor heads) on COCO-format detection data.
 
-    python pretrain.py --config config/synthetic.yaml [KEY=VALUE ...] [--resume DET_LOG_PATH/last.pth] [--overwrite]
+    python pretrain.py --config config/synthetic/quickstart.yaml [KEY=VALUE ...] [--resume DET_LOG_PATH/last.pth] [--overwrite]
     torchrun --nproc_per_node=8 pretrain.py --config config/refcoco.yaml
 
 The reference ships its detector only as a weight file (``yolov3_coco.pth``, made from COCO
@@ -46,7 +46,7 @@ FORMAT = "detector-pretrain-v1"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (e.g. config/synthetic.yaml)")
+    parser.add_argument("--config", required=True, help="YAML config (e.g. config/synthetic/quickstart.yaml)")
     parser.add_argument("--resume", default="", help="checkpoint to continue from (usually DET_LOG_PATH/last.pth)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh where another run's checkpoint or DET_OUTPUT is, replacing them")

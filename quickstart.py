@@ -14,10 +14,10 @@ and steps) to check the pipeline, as CI does.
 
     python quickstart.py --student
 
-then runs RefCLIP's weakly supervised training scheme on the quickstart's weak model: exports its
+then runs RefCLIP's weakly supervised training scheme on the quickstart's model: exports its
 pseudo-labels (``test.py --export-pseudo-labels``), trains the supervised student
-(``config/synthetic_student.yaml``) on them and, for the upper bound, on the ground truth, evaluates
-both, and prints one table (weak model, both students, the text-blind baselines, per split) and the
+(``config/synthetic/student.yaml``) on them and, for the upper bound, on the ground truth, evaluates
+both, and prints one table (the teacher, both students, the text-blind baselines, per split) and the
 accuracy by kind of expression (``tools/diagnose_synthetic``). Its last line is ``results: PATH``,
 ``{"weak": {split: {"acc", "n"}}, "student_pseudo": ..., "student_gt": ..., "baselines": ...,
 "by_kind": {model: {kind: {"n", "acc", "ceiling"}}}}``.
@@ -47,7 +47,7 @@ MINI = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--config", default="config/synthetic/quickstart.yaml")
     parser.add_argument("--workdir", default="", help="where data, weights and logs go (default: as the config says)")
     parser.add_argument("--mini", action="store_true", help="a miniature run that checks the pipeline")
     parser.add_argument("--visualize", type=int, default=8, help="predictions to draw")
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student", action="store_true",
                         help="after the quickstart: pseudo-labels, the supervised student on them and on the "
                              "ground truth, one table")
-    parser.add_argument("--student-config", default="config/synthetic_student.yaml")
+    parser.add_argument("--student-config", default="config/synthetic/student.yaml")
     return parser
 
 
@@ -148,16 +148,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-MODELS = {"weak": "weak model", "student_pseudo": "student, pseudo-labels", "student_gt": "student, ground truth"}
+MODELS = {"weak": "teacher", "student_pseudo": "student, pseudo-labels", "student_gt": "student, ground truth"}
 
 
 def student(args: argparse.Namespace, weak_cfg, weak_overrides: list[str], overrides: list[str],
             device: list[str]) -> int:
-    """RefCLIP's scheme on the quickstart's weak model: its pseudo-labels, the student trained on them
+    """RefCLIP's scheme on the quickstart's model: its pseudo-labels, the student trained on them
     and on the ground truth, one table."""
     weak = os.path.join(weak_cfg.LOG_PATH, "best.pth")
     if not os.path.isfile(weak):
-        sys.exit(f"quickstart --student: no weak model at {weak}; run python quickstart.py first")
+        sys.exit(f"quickstart --student: no trained model at {weak}; run python quickstart.py first")
     cfg = load_config(args.student_config, overrides)
     pseudo, folder = cfg.train_ann_path, cfg.LOG_PATH
     scores_of = {name: os.path.join(folder, name, "results.json") for name in MODELS}
@@ -198,14 +198,14 @@ def student(args: argparse.Namespace, weak_cfg, weak_overrides: list[str], overr
 
 
 def student_tables(results: dict) -> str:
-    """Acc@0.5 per split of the weak model, both students and the baselines; then val by kind."""
+    """Acc@0.5 per split of the teacher, both students and the baselines; then val by kind."""
     columns = [*MODELS, *results["baselines"]]
     names = {**MODELS, **{kind: kind.replace("_", " ") for kind in results["baselines"]}}
     lines = ["Acc@0.5 (%) per split:", f"  {'split':<8}" + "".join(f"{names[c]:>24}" for c in columns) + f"{'n':>6}"]
     for split, row in results["weak"].items():
         accs = [results[c][split]["acc"] for c in MODELS] + [b[split]["acc"] for b in results["baselines"].values()]
         lines.append(f"  {split:<8}" + "".join(f"{acc:>24.2f}" for acc in accs) + f"{row['n']:>6}")
-    lines += ["val Acc@0.5 (%) by kind of expression (the weak model's anchor ceiling in brackets):",
+    lines += ["val Acc@0.5 (%) by kind of expression (the teacher's anchor ceiling in brackets):",
               f"  {'expressions':<20}{'n':>6}" + "".join(f"{MODELS[name]:>24}" for name in MODELS)]
     weak_kinds = results["by_kind"]["weak"]
     for kind, row in weak_kinds.items():

@@ -34,7 +34,8 @@ from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import Config, ConfigError
-from utils.engine import BASELINES, entry_boxes, evaluate, hits, model_boxes, text_blind_predictor, to_device
+from utils.engine import to_device
+from utils.evaluation import BASELINES, entry_boxes, evaluate, hits, model_boxes, text_blind_predictor
 from utils.logger import setup_logger
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 

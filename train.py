@@ -26,7 +26,8 @@ from utils.checkpoint import (FORMAT, CheckpointMismatchError, load_checkpoint, 
                               prepare_run_folder)
 from utils.cli import run_main
 from utils.config import load_config
-from utils.engine import MetricLogger, NonFiniteLossError, Run, TrainState, evaluate, fit, prepare_batch, rec_losses
+from utils.engine import MetricLogger, NonFiniteLossError, Run, TrainState, fit, prepare_batch, rec_losses
+from utils.evaluation import evaluate
 from utils.logger import setup_logger
 from utils.optim import Recipe
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images

@@ -199,7 +199,7 @@ def test_switches_off_give_exactly_the_refclip_path(tiny_overrides):
     fixed = ["DROPOUT_R=0.0", "FREEZE_BACKBONE_BN=true"]
     cfg = _cfg(tiny_overrides, *fixed)
     torch.manual_seed(0)
-    refclip = build_model(load_config("config/refclip.yaml", tiny_overrides + fixed), None, len(VOCAB))
+    refclip = build_model(load_config("config/refclip/refcoco.yaml", tiny_overrides + fixed), None, len(VOCAB))
     off = build_model(cfg, None, len(VOCAB), VOCAB)
     assert off.state_dict().keys() == refclip.state_dict().keys()
     assert off.prompts is off.reconstruction is off.alignment is None

@@ -34,10 +34,10 @@ def _in_gap(apl_key: str) -> bool:
 @pytest.fixture(scope="module")
 def apl():
     """APL's keys and shapes, the fixture recorded from APL's code, and the project's APL model at
-    APL's sizes (config/apl_refcoco.yaml, APL's 10344-token vocabulary)."""
+    APL's sizes (config/apl/refcoco.yaml, APL's 10344-token vocabulary)."""
     fx = torch.load(f"{FIXTURES}/apl_reference.pt", weights_only=True)
     vocab = fx["meta"]["inputs"]["vocab"]
-    model = build_model(load_config("config/apl_refcoco.yaml"), None, len(vocab), vocab)
+    model = build_model(load_config("config/apl/refcoco.yaml"), None, len(vocab), vocab)
     keys = {key: shape for key, _, shape in read_keys("apl_checkpoint_keys.tsv")}
     return keys, fx, model
 
@@ -154,7 +154,7 @@ def test_a_checkpoint_of_apl_code_is_refused_at_the_known_gaps_only(apl):
 def test_test_py_evaluates_an_apl_checkpoint(tmp_path, tiny_overrides):
     vocab = ["PAD", "UNK", "CLS", "red", "dog"]
     overrides = tiny_overrides + ["DETECTOR_CLASS_NAMES=[red, dog, cat]"]
-    cfg = load_config("config/apl_refcoco.yaml", overrides)
+    cfg = load_config("config/apl/refcoco.yaml", overrides)
     torch.manual_seed(0)
     trained = build_model(cfg, None, len(vocab), vocab)
     path = tmp_path / "apl.pth"

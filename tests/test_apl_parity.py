@@ -36,7 +36,7 @@ def fx():
 
 
 def _cfg(*extra):
-    return load_config("config/apl_refcoco.yaml", ["PRETRAIN_WEIGHT=none", "DROPOUT_R=0.0", *extra])
+    return load_config("config/apl/refcoco.yaml", ["PRETRAIN_WEIGHT=none", "DROPOUT_R=0.0", *extra])
 
 
 def _prompts(fx, *extra) -> AnchorPrompts:

@@ -3,8 +3,9 @@ import pytest
 from tools.ablation import VARIANTS
 from utils.config import ConfigError, default_config, load_config, parse_override
 
-CONFIGS = ["refcoco", "refcoco+", "refcocog", "referit", "refclip",
-           "apl_refcoco", "apl_refcoco+", "apl_refcocog", "apl_referit"]
+DATASETS = ["refcoco", "refcoco+", "refcocog", "referit"]
+# The ACCV model keeps the reference's file names; every other method has a folder of one file per dataset.
+CONFIGS = DATASETS + [f"{method}/{dataset}" for method in ("refclip", "apl") for dataset in DATASETS]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -22,8 +23,10 @@ def test_reference_hyperparameters():
     referit = load_config("config/referit.yaml")
     assert (referit.N_SA, referit.SELECT_NUM, referit.CLASS_NUM, referit.MAX_TOKEN) == (1, 34, 100, 20)
     assert referit.SEED == 123456
-    refclip = load_config("config/refclip.yaml")
-    assert (refclip.USE_CMA, refclip.NUM_REFS, refclip.FNS_WEIGHT, refclip.ER_WEIGHT) == (False, 1, 0.0, 0.0)
+    for dataset in DATASETS:
+        refclip, accv = load_config(f"config/refclip/{dataset}.yaml"), load_config(f"config/{dataset}.yaml")
+        assert (refclip.USE_CMA, refclip.NUM_REFS, refclip.FNS_WEIGHT, refclip.ER_WEIGHT) == (False, 1, 0.0, 0.0)
+        assert (refclip.DATASET, refclip.SELECT_NUM, refclip.CLASS_NUM) == (dataset, accv.SELECT_NUM, accv.CLASS_NUM)
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -80,20 +83,37 @@ def test_dump_round_trip(tmp_path):
     assert default_config().to_dict() != again.to_dict()
 
 
-def test_dataset_files_start_from_base_and_state_only_what_differs():
+def test_config_files_follow_the_naming_scheme():
+    import glob
+    import os
+    found = {os.path.relpath(path, "config") for path in glob.glob("config/**/*", recursive=True)
+             if os.path.isfile(path)}
+    folders = {method: [f"{method}/{dataset}.yaml" for dataset in DATASETS]
+               for method in ("refclip", "apl", "student")}
+    expected = {"base.yaml", *(f"{dataset}.yaml" for dataset in DATASETS),
+                *(path for paths in folders.values() for path in paths),
+                *(f"{method}/README.md" for method in folders),
+                "synthetic/quickstart.yaml", "synthetic/apl.yaml", "synthetic/student.yaml", "synthetic/README.md"}
+    assert found == expected
+
+
+def test_config_files_start_from_a_base_and_state_only_what_differs():
+    import glob
+    import os
     import yaml
-    base = load_config("config/base.yaml")
-    assert base.to_dict() == default_config().to_dict()
-    for name in CONFIGS + ["synthetic"]:
-        with open(f"config/{name}.yaml") as f:
+    assert load_config("config/base.yaml").to_dict() == default_config().to_dict()
+    for path in sorted(glob.glob("config/**/*.yaml", recursive=True)):
+        with open(path) as f:
             own = yaml.safe_load(f)
-        assert own.pop("_BASE_") == "base.yaml"
-        cfg = load_config(f"config/{name}.yaml")
+        if path == "config/base.yaml":
+            continue
+        base = load_config(os.path.join(os.path.dirname(path), own.pop("_BASE_")))
+        cfg = load_config(path)
         for keys in own.values():
             for key, value in keys.items():
                 assert cfg[key] == value
                 if key not in ("DATASET", "LOG_PATH"):  # stated for the reader even where equal
-                    assert base[key] != value, f"{name}.yaml repeats {key} from base.yaml"
+                    assert base[key] != value, f"{path} repeats {key} from its _BASE_"
 
 
 def test_base_chain_replaces_keys_and_reports_loops(tmp_path):
@@ -155,26 +175,33 @@ def test_values_out_of_range_name_the_key(override, message):
         load_config("config/refcoco.yaml", [override])
 
 
-def test_a_checkpoint_config_of_the_earlier_layout_still_loads():
-    from utils.config import config_from_checkpoint_dict
-    earlier = load_config("config/synthetic.yaml").to_dict()
-    earlier["TRAIN"].update(earlier.pop("DETECTOR"))  # detector keys were TRAIN keys
-    earlier["MODEL"].update(VIS_ENC="darknet", LANG_ENC="lstm")
-    earlier["DATA"]["MASK_PATH"] = {}
-    earlier["MODEL"]["CMA_ATTENTION"] = "seed"  # the reference's attention, under its earlier name
-    assert config_from_checkpoint_dict(earlier).to_dict() == load_config("config/synthetic.yaml").to_dict()
-    with pytest.raises(ConfigError, match="CMA_ATTENTION must be"):
-        load_config("config/synthetic.yaml", ["CMA_ATTENTION=seed"])  # a config file uses the current name
+def test_the_configuration_reference_page_is_current():
+    from utils.config import reference_page
+    with open("docs/config.md", encoding="utf-8") as f:
+        assert f.read() == reference_page(), "docs/config.md is stale: run python -m tools.config_reference"
+
+
+def test_the_reference_page_lists_every_key_with_its_rules():
+    from utils.config import MODEL_KEYS, SCHEMA, reference_page
+    page = reference_page()
+    for keys in SCHEMA.values():
+        for key, rules in keys.items():
+            row = next(line for line in page.splitlines() if line.startswith(f"| `{key}` |"))
+            assert ("| yes |" in row) == rules.changes_model == (key in MODEL_KEYS)
+            for choice in rules.choices or ():
+                assert f"`{choice}`" in row
+    assert "| `LR` | `0.0001` | float | > 0 |" in page
+    assert "| `DROPOUT_R` | `0.1` | float | 0 to 1 |" in page
 
 
 def test_every_ablation_row_is_a_valid_config_and_rows_differ():
-    loaded = {name: load_config("config/synthetic.yaml", overrides) for name, overrides in VARIANTS.items()}
+    loaded = {name: load_config("config/synthetic/quickstart.yaml", overrides) for name, overrides in VARIANTS.items()}
     keys = ("USE_CMA", "CMA_CONDITION", "NUM_REFS", "FNS_WEIGHT", "ER_WEIGHT", "APL_POSITION_PROMPT",
             "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT", "APL_RECON_WEIGHT", "APL_ALIGNMENT", "APL_UNNORMALIZE",
             "APL_COLOUR_EMPTY_BOX", "APL_TAG_WORDS", "APL_POSITION_SIDE", "APL_SCATTER_ORDER", "APL_RECON_ANCHOR",
             "APL_HEAD_OBJ_PRIOR", "APL_BURN_IN_COUNT")
     settings = {name: tuple(cfg[key] for key in keys) for name, cfg in loaded.items()}
     assert len(set(settings.values())) == len(settings), "two ablation rows train the same model"
-    demo = load_config("config/synthetic.yaml")
+    demo = load_config("config/synthetic/quickstart.yaml")
     assert settings["fns+er"] == tuple(demo[key] for key in keys), "fns+er is not the quickstart's model"
     assert loaded["apl+fns+er"].NUM_REFS == 3 and loaded["apl"].NUM_REFS == 1

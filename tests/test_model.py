@@ -37,7 +37,7 @@ def test_reference_checkpoint_keys_load_exactly():
 
 
 def test_refclip_keys_load_into_refclip_config():
-    model = build_model(load_config("config/refclip.yaml"), None, 64)
+    model = build_model(load_config("config/refclip/refcoco.yaml"), None, 64)
     load_reference_state_dict(model, reference_state_dict(drop_prefix="process_model."))
     assert model.cma is None
 
@@ -184,7 +184,7 @@ def test_refs_shape_is_checked(tiny_overrides):
 
 
 def test_text_blind_baselines_pick_among_the_selected_anchors(tiny_overrides):
-    from utils.engine import text_blind_predictor
+    from utils.evaluation import text_blind_predictor
 
     cfg, model = _tiny(tiny_overrides)
     model.eval()

@@ -22,7 +22,7 @@ from reference_weights import reference_cases, reference_images, reference_state
 from utils.checkpoint import load_reference_state_dict
 from utils.config import load_config
 
-VARIANTS = {"accv": ("config/refcoco.yaml", None), "refclip": ("config/refclip.yaml", "process_model.")}
+VARIANTS = {"accv": ("config/refcoco.yaml", None), "refclip": ("config/refclip/refcoco.yaml", "process_model.")}
 VOCAB = 64
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -13,7 +13,7 @@ import predict
 from datasets import DataError, EntryExpressions, FirstExpression, RefDataset
 from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
 from utils.config import ConfigError
-from utils.engine import entry_boxes, model_boxes as evaluation_predict
+from utils.evaluation import entry_boxes, model_boxes as evaluation_predict
 from utils.predictor import Predictor, vocabulary_warnings
 from utils.visualize import (CORRECT, GROUND_TRUTH, WRONG, contact_sheet, draw_box, draw_evaluation,
                              sample_across_images, text_colour)
@@ -229,3 +229,24 @@ def test_labels_sit_on_a_band_of_the_box_colour_in_a_contrasting_colour():
         assert (above == colour).all(-1).sum() > 500 and (above == ink).all(-1).sum() > 20
         brightness = np.array([0.114, 0.587, 0.299])
         assert abs(brightness @ colour - brightness @ ink) > 90
+
+
+def test_published_checkpoint_keeps_what_prediction_reads_and_is_named_by_its_sha256(trained, predictor, tmp_path):
+    from tools.publish_checkpoint import PUBLISHED_KEYS, publish, sha256_of
+    from utils.checkpoint import CheckpointMismatchError
+    path = publish(str(trained), str(tmp_path / "tiny.pth"))
+    name = os.path.basename(path)
+    assert name == f"tiny-{sha256_of(path)[:8]}.pth" and os.listdir(tmp_path) == [name]
+    source, published = torch.load(trained, weights_only=True), torch.load(path, weights_only=True)
+    assert tuple(published) == PUBLISHED_KEYS and "optimizer" in source and source["ema"] is not None
+    for key, value in source["state_dict"].items():  # the EMA's weights, as evaluated
+        assert torch.equal(published["state_dict"][key], value)
+    assert os.path.getsize(path) < os.path.getsize(trained) / 2
+    dataset = RefDataset(predictor.cfg, "val")
+    image = dataset.image_file(dataset.entries[0])
+    again = Predictor.from_checkpoint(path, "cpu")
+    assert [p.to_dict() for p in again.predict(image, ["the red square", "blue one"], topk=K)] == \
+        [p.to_dict() for p in predictor.predict(image, ["the red square", "blue one"], topk=K)]
+    torch.save(source["state_dict"], tmp_path / "raw.pth")
+    with pytest.raises(CheckpointMismatchError, match="is not a checkpoint of train.py"):
+        publish(str(tmp_path / "raw.pth"), str(tmp_path / "raw_published.pth"))

@@ -42,13 +42,13 @@ def _overrides(data, log_path, epochs=1):
 
 
 def _run(overrides, resume=""):
-    args = pretrain.get_args_parser().parse_args(["--config", "config/synthetic.yaml", "--device", "cpu"]
+    args = pretrain.get_args_parser().parse_args(["--config", "config/synthetic/quickstart.yaml", "--device", "cpu"]
                                                  + (["--resume", resume] if resume else []) + overrides)
     assert pretrain.main(args) == 0
 
 
 def test_rec_val_and_test_images_are_left_out(data):
-    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused"))
+    cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused"))
     train_set, val_set = build_detection_datasets(cfg)
     rec = load_annotations(data["annotations"], "synthetic")
     assert train_set.image_ids == sorted({e["iid"] for e in rec["train"]})
@@ -69,7 +69,7 @@ def test_weight_file_has_the_reference_keys_and_loads_as_pretrain_weight(data, t
     weights = torch.load(tmp_path / "yolov3.pth", weights_only=True)
     assert sorted(weights) == sorted(expected)
 
-    cfg = load_config("config/synthetic.yaml", _overrides(data, tmp_path) + ["USE_GLOVE=false"])
+    cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, tmp_path) + ["USE_GLOVE=false"])
     model = build_model(cfg, None, token_size=8)
     load_pretrained_backbone(model.visual_encoder, str(tmp_path / "yolov3.pth"))
     head = model.visual_encoder.layers[19]
@@ -104,7 +104,7 @@ def test_resume_continues_from_the_saved_step(data, tmp_path, monkeypatch):
 
 def test_loss_decreases_on_a_fixed_batch(data):
     torch.manual_seed(0)
-    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
     train_set, _ = build_detection_datasets(cfg)
     batch = collate_detections([train_set[i] for i in range(4)])
     model = pretrain.build_detector(cfg)
@@ -122,7 +122,7 @@ def test_loss_decreases_on_a_fixed_batch(data):
 
 
 def test_class_term_follows_its_weight_and_starts_at_the_prior(data):
-    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
     train_set, _ = build_detection_datasets(cfg)
     batch = collate_detections([train_set[i] for i in range(2)])
     model = pretrain.build_detector(cfg)
@@ -139,7 +139,7 @@ def test_class_term_follows_its_weight_and_starts_at_the_prior(data):
 
 def test_boxes_are_assigned_to_the_best_prior_and_the_anchor_free_slot(data):
     priors = "[[4, 4], [6, 6], [8, 8], [10, 10], [12, 12], [14, 14], [20, 19], [30, 28], [42, 40]]"
-    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + [f"ANCHORS={priors}"])
+    cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + [f"ANCHORS={priors}"])
     model = pretrain.build_detector(cfg)
     _, raw = model(torch.zeros(1, 3, 64, 64), decode=False)
     # A 30 x 28 box (one of the stride-32 priors) centred in cell (1, 1) of the 2 x 2 stride-32 grid.
@@ -166,7 +166,7 @@ def test_average_precision():
 def test_batched_loss_sums_the_losses_of_its_images(data):
     """The ignore test runs on the whole batch (boxes padded per image): each term's sum over the
     batch is the sum of the terms of its images computed alone, an image without boxes included."""
-    cfg = load_config("config/synthetic.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
+    cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
     train_set, _ = build_detection_datasets(cfg)
     batch = collate_detections([train_set[i] for i in range(4)])
     targets = batch["targets"][batch["targets"][:, 0] != 2]  # image 2 without boxes

@@ -109,7 +109,7 @@ def test_pretrain_refuses_to_replace_a_run_and_to_resume_a_foreign_checkpoint(da
     log_path = tmp_path / "detector"
     save_atomic({"epoch": 1}, str(log_path / "last.pth"))
     parse = pretrain.get_args_parser().parse_args
-    base = ["--config", "config/synthetic.yaml", "--device", "cpu"]
+    base = ["--config", "config/synthetic/quickstart.yaml", "--device", "cpu"]
     with pytest.raises(ConfigError, match="--resume .*last.pth.*DET_LOG_PATH=.*--overwrite"):
         pretrain.main(parse(base + detector_overrides(data, log_path)))
     with pytest.raises(CheckpointMismatchError, match="not a detector pretraining checkpoint"):

@@ -14,7 +14,8 @@ from test_pipeline import overrides, run, tiny, weights  # noqa: F401  (the modu
 from tiny_data import make_tiny_dataset
 from utils.checkpoint import load_matching
 from utils.config import ConfigError, load_config
-from utils.engine import evaluate, gt_xyxy, train_step
+from utils.engine import train_step
+from utils.evaluation import evaluate, gt_xyxy
 from utils.optim import Recipe, build_optimizer, build_scheduler
 
 STRIDE = 8
@@ -143,19 +144,20 @@ def test_arch_and_box_loss_are_checked():
 
 def test_simrec_head_settings_are_one_override_away(tiny_overrides):
     """SimREC's head: SiLU, an assignment cost of 3 x IoU only, no L1 (docs: the student)."""
-    cfg = load_config("config/refcoco_student.yaml", tiny_overrides + [
+    cfg = load_config("config/student/refcoco.yaml", tiny_overrides + [
         "BOX_ACTIVATION=silu", "BOX_OBJ_COST=0", "BOX_L1_WEIGHT=0"])
     head = build_model(cfg, None, 10).box_head
     assert all(isinstance(block.act, torch.nn.SiLU) for block in (head.stem, *head.convs))
     assert head.obj_cost == head.l1_weight == 0 and head.iou_cost == 3
-    default = build_model(load_config("config/refcoco_student.yaml", tiny_overrides), None, 10).box_head
+    default = build_model(load_config("config/student/refcoco.yaml", tiny_overrides), None, 10).box_head
     assert isinstance(default.stem.act, torch.nn.LeakyReLU)
 
 
-@pytest.mark.parametrize("name", ["refcoco", "refcoco+", "refcocog", "referit", "synthetic"])
-def test_student_configs_train_on_the_pseudo_labels(name):
-    cfg = load_config(f"config/{name}_student.yaml")
-    base = load_config(f"config/{name}.yaml")
+@pytest.mark.parametrize("student, accv", [*((f"student/{d}", d) for d in ("refcoco", "refcoco+", "refcocog", "referit")),
+                                            ("synthetic/student", "synthetic/quickstart")])
+def test_student_configs_train_on_the_pseudo_labels(student, accv):
+    cfg = load_config(f"config/{student}.yaml")
+    base = load_config(f"config/{accv}.yaml")
     assert cfg.ARCH == "student" and cfg.ann_path == base.ann_path
     assert cfg.train_ann_path.endswith(f"{os.path.basename(base.ann_path)[:-5]}_pseudo.json")
 

@@ -4,7 +4,7 @@ again with CMA_CONDITION=query), FNS+ER (the quickstart's model); then APL's par
 them on the quickstart's model (apl+fns+er); the last two again with every quirk of APL's code switched to
 the intended computation (apl-intended, apl+fns+er-intended).
 
-    python -m tools.ablation --config config/synthetic.yaml [KEY=VALUE ...]
+    python -m tools.ablation --config config/synthetic/quickstart.yaml [KEY=VALUE ...]
 
 Trains each variant with train.py into LOG_PATH/ablation/<variant> (reusing finished runs), evaluates
 it with test.py and prints one table of Acc@0.5 per split; the table is also written as
@@ -30,7 +30,7 @@ from utils.config import load_config
 # APL_ALIGN_BURN_IN apply). APL's rows compute what APL's code computes, quirks included; the
 # '-intended' rows switch every quirk to the computation APL's paper describes.
 REFCLIP = ["USE_CMA=false", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"]
-# RefCLIP + FNS + ER with three expressions per sample and no CMA: what config/synthetic.yaml trains.
+# RefCLIP + FNS + ER with three expressions per sample and no CMA: what config/synthetic/quickstart.yaml trains.
 DEMO = ["USE_CMA=false", "NUM_REFS=3", "FNS_WEIGHT=0.1", "ER_WEIGHT=0.1"]
 APL_ON = ["APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PROMPT=true", "APL_RECON_WEIGHT=1.0",
           "APL_ALIGNMENT=true"]
@@ -70,7 +70,7 @@ def run(script: str, *args: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config/synthetic.yaml")
+    parser.add_argument("--config", default="config/synthetic/quickstart.yaml")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset, in order")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()

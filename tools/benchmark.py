@@ -3,7 +3,7 @@ against the frozen detector's forward, the floor under every step.
 
     python -m tools.benchmark [--device cpu|cuda] [--batch N] [--size 416] [--amp none|bf16|fp16]
                               [--channels-last] [--compile] [--runs 7] [--workers N]
-                              [--compare config/refclip.yaml,config/apl_refcoco.yaml] [KEY=VALUE ...]
+                              [--compare config/refclip/refcoco.yaml,config/apl/refcoco.yaml] [KEY=VALUE ...]
 
 The model is the refcoco one (``--config``, KEY=VALUE overrides as in train.py) with random
 weights, fed random images and random token ids; ``--compare`` times other configs' models the
@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=os.path.join(ROOT, "config", "refcoco.yaml"))
     parser.add_argument("--compare", default="",
                         help="comma-separated configs timed the same way after --config, each reported by "
-                             "its ratios under 'compare' (e.g. config/refclip.yaml,config/apl_refcoco.yaml)")
+                             "its ratios under 'compare' (e.g. config/refclip/refcoco.yaml,config/apl/refcoco.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
 
@@ -223,7 +223,7 @@ def benchmark_model(cfg: Config, args: argparse.Namespace, device: torch.device)
 
 
 def _synthetic_config(args: argparse.Namespace, paths: dict) -> Config:
-    path = os.path.join(ROOT, "config", "synthetic.yaml")
+    path = os.path.join(ROOT, "config", "synthetic", "quickstart.yaml")
     overrides = [f"ANN_PATH={{synthetic: {paths['annotations']}}}", f"IMAGE_PATH={{synthetic: {paths['images']}}}",
                  f"INPUT_SHAPE=[{args.size}, {args.size}]", "USE_GLOVE=false"]
     if not os.path.isfile(path):

