@@ -197,9 +197,19 @@ def completed_epochs(path: str) -> int:
     return load_checkpoint(path, "training checkpoint")["epoch"]
 
 
+def refuse_detector_weights(ckpt: dict, path: str) -> None:
+    """Stop, naming ``path``, where a detector weight file is given as a trained model."""
+    weights = unwrap_state_dict(ckpt)
+    if weights and all(key.startswith("module_list.") for key in weights):
+        raise CheckpointMismatchError(f"{path} holds detector weights only (a PRETRAIN_WEIGHT file, such as "
+                                      "pretrain.py's DET_OUTPUT), not a trained REC model: give it to train.py as "
+                                      "PRETRAIN_WEIGHT, and use the checkpoint train.py writes (LOG_PATH/best.pth)")
+
+
 def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = None) -> Config:
     """The config a checkpoint of this project was trained with (plus ``overrides``)."""
     if ckpt.get("format") != FORMAT:
+        refuse_detector_weights(ckpt, path)
         raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a reference checkpoint?); evaluate it "
                                       "with --config <the config it was trained with>")
     return config_from_checkpoint_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
@@ -250,11 +260,6 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
                            " (without --config the checkpoint's own config is used)")
         load_matching(model, ckpt["state_dict"], path)
     else:
-        weights = unwrap_state_dict(ckpt)
-        if weights and all(key.startswith("module_list.") for key in weights):
-            raise CheckpointMismatchError(f"{path} holds detector weights only (a PRETRAIN_WEIGHT file, such as "
-                                          "pretrain.py's DET_OUTPUT), not a trained REC model: give it to train.py "
-                                          "as PRETRAIN_WEIGHT, and evaluate the checkpoint train.py writes "
-                                          "(LOG_PATH/best.pth)")
-        load_reference_state_dict(model, weights, f"the reference checkpoint {path}")
+        refuse_detector_weights(ckpt, path)
+        load_reference_state_dict(model, ckpt, f"the reference checkpoint {path}")
     return model.to(device).eval()
