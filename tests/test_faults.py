@@ -25,7 +25,7 @@ import train
 from datasets import check_training_file, image_size, letterbox_image, read_image
 from models import build_model
 from models.reference_keys import detector_weight_file_state_dict
-from tiny_data import make_tiny_dataset, tiny_cli_overrides
+from test_pipeline import overrides, tiny  # noqa: F401  (the module-scoped dataset fixture)
 from utils.checkpoint import load_checkpoint, prepare_run_folder
 from utils.cli import USER_ERRORS, run_main
 from utils.config import ConfigError, config_from_checkpoint_dict
@@ -65,20 +65,12 @@ def one_line(result, *words):
     return last
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    ann, images = make_tiny_dataset(str(root))
-    return root, ann, images
-
-
-def tiny_args(tiny, *extra, logs="logs"):
-    root, ann, images = tiny
-    return [*tiny_cli_overrides(str(root), ann, images), "EPOCHS=1", f"LOG_PATH={root / logs}", *extra]
+def tiny_args(tiny, *extra, logs="logs"):  # noqa: F811
+    return overrides(tiny[0], tiny, "EPOCHS=1", *extra, logs=logs)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny):
+def trained(tiny):  # noqa: F811
     code, out, err = cli(train, "--config", "config/refcoco.yaml", *tiny_args(tiny, logs="trained"))
     assert code == 0, err
     return tiny[0] / "trained" / "last.pth"
@@ -117,7 +109,7 @@ def test_a_latin1_config_is_refused_by_the_python_api(tmp_path, trained):
 
 # Text files: annotations, pseudo-labels, prediction input lists.
 
-def test_latin1_annotation_and_pseudo_label_files_are_refused(tiny, tmp_path):
+def test_latin1_annotation_and_pseudo_label_files_are_refused(tiny, tmp_path):  # noqa: F811
     root, ann, images = tiny
     bad = latin1_copy(ann, tmp_path)
     one_line(cli(train, "--config", "config/refcoco.yaml", *tiny_args(tiny, f"ANN_PATH={{synthetic: {bad}}}")),
@@ -126,7 +118,7 @@ def test_latin1_annotation_and_pseudo_label_files_are_refused(tiny, tmp_path):
              bad, "not UTF-8")
 
 
-def test_latin1_prediction_inputs_are_refused(tiny, tmp_path, trained):
+def test_latin1_prediction_inputs_are_refused(tiny, tmp_path, trained):  # noqa: F811
     images = tiny[2]
     exprs = tmp_path / "exprs.tsv"
     exprs.write_bytes("1.jpg\tle carré rouge\n".encode("latin-1"))
@@ -137,7 +129,7 @@ def test_latin1_prediction_inputs_are_refused(tiny, tmp_path, trained):
     one_line(cli(predict, "--weights", trained, "--input", pairs), pairs, "not UTF-8")
 
 
-def test_latin1_detection_annotations_are_refused(tiny, tmp_path):
+def test_latin1_detection_annotations_are_refused(tiny, tmp_path):  # noqa: F811
     det = tmp_path / "instances.json"
     det.write_bytes('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "carré"}]}'
                     .encode("latin-1"))
@@ -150,7 +142,7 @@ def test_latin1_detection_annotations_are_refused(tiny, tmp_path):
 
 # Paths of the wrong kind.
 
-def test_paths_of_the_wrong_kind_are_named_before_anything_runs(tiny, tmp_path, trained):
+def test_paths_of_the_wrong_kind_are_named_before_anything_runs(tiny, tmp_path, trained):  # noqa: F811
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     one_line(cli(train, "--config", "config/refcoco.yaml", *tiny_args(tiny), f"LOG_PATH={a_file}/run"),
@@ -216,7 +208,7 @@ def test_pseudo_labels_of_a_rotated_photo_pass_their_check(tmp_path):
     check_training_file(str(pseudo), str(original), "train", "synthetic", str(images))
 
 
-def test_an_undecodable_image_in_a_loader_worker_is_one_line(tiny, tmp_path):
+def test_an_undecodable_image_in_a_loader_worker_is_one_line(tiny, tmp_path):  # noqa: F811
     root, ann, images = tiny
     copy = tmp_path / "images"
     shutil.copytree(images, copy)
@@ -226,11 +218,11 @@ def test_an_undecodable_image_in_a_loader_worker_is_one_line(tiny, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    last = one_line((proc.returncode, proc.stdout, proc.stderr), copy / "3.jpg", "of entry train[", ann)
+    one_line((proc.returncode, proc.stdout, proc.stderr), copy / "3.jpg", "of entry train[", ann)
     assert "Original" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
 
 
-def test_a_missing_training_image_stops_the_pseudo_label_export_before_evaluation(tiny, tmp_path, trained):
+def test_a_missing_training_image_stops_the_pseudo_label_export_first(tiny, tmp_path, trained):  # noqa: F811
     root, ann, images = tiny
     copy = tmp_path / "images"
     shutil.copytree(images, copy)
@@ -245,7 +237,7 @@ def test_a_missing_training_image_stops_the_pseudo_label_export_before_evaluatio
 # A device that is not there.
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_one_line(tiny, trained, tmp_path):
+def test_cuda_without_cuda_is_one_line(tiny, trained, tmp_path):  # noqa: F811
     one_line(cli(train, "--config", "config/refcoco.yaml", "--device", "cuda", *tiny_args(tiny)), "--device cuda")
     one_line(cli(test_py, "--eval-weights", trained, "--device", "cuda"), "--device cuda", "--device cpu")
     one_line(cli(predict, "--weights", trained, "--image", f"{tiny[2]}/1.jpg", "--expr", "red", "--device",
@@ -256,7 +248,7 @@ def test_cuda_without_cuda_is_one_line(tiny, trained, tmp_path):
 
 # Resumes, locks and checkpoints.
 
-def test_resume_with_another_model_names_each_changed_key(tiny, trained):
+def test_resume_with_another_model_names_each_changed_key(tiny, trained):  # noqa: F811
     resume = ["--config", "config/refcoco.yaml", "--resume", trained]
     last = one_line(cli(train, *resume, *tiny_args(tiny, "SELECT_NUM=2", "HIDDEN_SIZE=16", logs="trained")),
                     "SELECT_NUM (2 here, 3 in training)", "HIDDEN_SIZE (16 here, 32 in training)",
@@ -266,7 +258,7 @@ def test_resume_with_another_model_names_each_changed_key(tiny, trained):
              "'weak' model")
 
 
-def test_a_run_folder_is_owned_by_one_run(tmp_path, tiny):
+def test_a_run_folder_is_owned_by_one_run(tmp_path, tiny):  # noqa: F811
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -301,7 +293,7 @@ def test_a_stale_lock_and_partial_checkpoints_are_cleared_with_a_message(tmp_pat
     assert (folder / "last.pth").read_bytes() == b"complete" and not (folder / LOCK_NAME).exists()
 
 
-def test_a_detector_weight_file_given_as_a_model_is_named(tiny, trained, tmp_path):
+def test_a_detector_weight_file_given_as_a_model_is_named(tiny, trained, tmp_path):  # noqa: F811
     ckpt = load_checkpoint(str(trained))
     cfg = config_from_checkpoint_dict(ckpt["config"])
     model = build_model(cfg, None, len(ckpt["vocab"]))
@@ -314,7 +306,7 @@ def test_a_detector_weight_file_given_as_a_model_is_named(tiny, trained, tmp_pat
         one_line(result, detector, "detector weights only")
 
 
-def test_damaged_and_missing_checkpoints_are_one_line(tiny, trained, tmp_path):
+def test_damaged_and_missing_checkpoints_are_one_line(tiny, trained, tmp_path):  # noqa: F811
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(trained.read_bytes()[:1000])
     one_line(cli(test_py, "--eval-weights", damaged), damaged, "damaged")
