@@ -33,10 +33,12 @@ from typing import NamedTuple
 
 import cv2
 
-from datasets import DataError
+from datasets import DataError, read_image
 from utils.cli import run_main
 from utils.config import ConfigError
-from utils.predictor import Prediction, Predictor, read_image
+from utils.paths import make_folder, prepare_output_file
+from utils.predictor import Prediction, Predictor
+from utils.text_io import read_text
 from utils.visualize import draw_prediction
 
 
@@ -72,15 +74,14 @@ def read_exprs_file(path: str, image_dir: str) -> list[Pair]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"expressions file not found: {path}")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or line.startswith("#"):
-                continue
-            name, tab, expression = line.partition("\t")
-            if not tab or not name.strip() or not expression.strip():
-                raise DataError(f"{path} line {number}: expected 'file name<TAB>expression', got {line[:80]!r}")
-            pairs.append(Pair(os.path.join(image_dir, name.strip()), expression.strip(), f"{path} line {number}"))
+    for number, line in enumerate(read_text(path, "expressions file", DataError).split("\n"), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, tab, expression = line.partition("\t")
+        if not tab or not name.strip() or not expression.strip():
+            raise DataError(f"{path} line {number}: expected 'file name<TAB>expression', got {line[:80]!r}")
+        pairs.append(Pair(os.path.join(image_dir, name.strip()), expression.strip(), f"{path} line {number}"))
     return pairs
 
 
@@ -89,8 +90,7 @@ def read_input_file(path: str) -> list[Pair]:
     malformed line or entry is an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, "input file", DataError)
     expected = 'expected {"image": path, "expression": text}'
     if text.lstrip().startswith("["):
         try:
@@ -161,11 +161,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1 and --topk at least 0, got {args.batch_size} "
                           f"and {args.topk}")
     pairs = read_inputs(args)
+    if args.out_json:
+        prepare_output_file(args.out_json, "--out-json")
+    if args.out_dir:
+        make_folder(args.out_dir, "--out-dir")
     predictor = Predictor.from_checkpoint(args.weights, args.device, args.config, args.overrides,
                                           args.allow_config_change)
-    for folder in (os.path.dirname(os.path.abspath(args.out_json)) if args.out_json else "", args.out_dir):
-        if folder:
-            os.makedirs(folder, exist_ok=True)
     out_json = open(args.out_json, "w", encoding="utf-8") if args.out_json else None
     try:
         for start in range(0, len(pairs), args.batch_size):

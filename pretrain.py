@@ -11,7 +11,8 @@ optimizer builder, schedule, EMA, atomic checkpoints, Ctrl-C / SIGTERM save and 
 with the DETECTOR keys of the config. It then measures mAP@0.5 on DET_VAL_ANN_PATH
 (``utils/metrics.py``), prints ``mAP@0.5: XX.X`` and writes DET_OUTPUT with exactly the keys of the
 reference's weight file, ready to be used as PRETRAIN_WEIGHT. Checkpoints (``last.pth``), the
-metrics JSON, the log and TensorBoard events go to DET_LOG_PATH.
+metrics JSON, the log and TensorBoard events go to DET_LOG_PATH, which one run at a time owns
+(``run.lock``, see utils/run_lock.py).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from utils.engine import MetricLogger, NonFiniteLossError, Run, TrainState, auto
 from utils.logger import setup_logger
 from utils.metrics import evaluate_map
 from utils.optim import Recipe
+from utils.paths import prepare_output_file
 
 log = logging.getLogger("rec")
 
@@ -75,8 +77,13 @@ def build_detector(cfg: Config) -> YOLOv3:
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device = dist_utils.local_device(args.device)
-    prepare_run_folder(cfg.DET_LOG_PATH, "DET_LOG_PATH", [os.path.join(cfg.DET_LOG_PATH, "last.pth"), cfg.DET_OUTPUT],
-                       args.resume, args.overwrite)
+    prepare_output_file(cfg.DET_OUTPUT, "DET_OUTPUT")
+    with prepare_run_folder(cfg.DET_LOG_PATH, "DET_LOG_PATH", [os.path.join(cfg.DET_LOG_PATH, "last.pth"),
+                                                               cfg.DET_OUTPUT], args.resume, args.overwrite):
+        return pretrain(args, cfg, device)
+
+
+def pretrain(args: argparse.Namespace, cfg: Config, device: torch.device) -> int:
     distributed = dist_utils.init_distributed(device, cfg.DIST_BACKEND)
     is_main = dist_utils.is_main()
     setup_logger(cfg.DET_LOG_PATH, "pretrain", is_main)

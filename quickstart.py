@@ -31,8 +31,9 @@ import sys
 import time
 
 from utils.checkpoint import completed_epochs
-from utils.cli import run_python
+from utils.cli import run_main, run_python
 from utils.config import load_config
+from utils.paths import make_folder
 
 # The demo's data: 2100 training images; the evaluation splits hold 60 images (about 470 expressions)
 # each, as evaluation runs the detector once per image and each expression costs little more.
@@ -97,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(MINI["overrides"]) if args.mini else []
     work = os.path.abspath(args.workdir) if args.workdir else ""
     if work:
+        make_folder(work, "--workdir")
         overrides += [f"ANN_PATH={{synthetic: {work}/data/anns/synthetic.json}}",
                       f"IMAGE_PATH={{synthetic: {work}/data/images}}",
                       f"PRETRAIN_WEIGHT={work}/yolov3_synthetic.pth",
@@ -216,4 +218,4 @@ def student_tables(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_main(main, get_args_parser())

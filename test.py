@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import EntryExpressions, FirstExpression, RefDataset, build_loader, clip_to_image, load_annotations
+from datasets import (DataError, EntryExpressions, FirstExpression, RefDataset, build_loader, clip_to_image,
+                      load_annotations)
 from models import DetectorCache
 from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
@@ -37,6 +38,7 @@ from utils.config import Config, ConfigError
 from utils.engine import to_device
 from utils.evaluation import BASELINES, entry_boxes, evaluate, hits, model_boxes, text_blind_predictor
 from utils.logger import setup_logger
+from utils.paths import make_folder, prepare_output_file
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
 log = logging.getLogger("rec")
@@ -91,28 +93,41 @@ def pseudo_label_boxes(model, dataset: RefDataset, cfg: Config,
     return boxes, agree
 
 
-def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str) -> tuple[int, float]:
+def pseudo_label_datasets(cfg: Config) -> list[RefDataset]:
+    """One dataset per split of TRAIN_SPLIT; every entry must have its image, SKIP_BAD_IMAGES or not:
+    a pseudo-label file holds the entries of the original file, each with its box predicted."""
+    datasets = [RefDataset(cfg, split) for split in cfg.TRAIN_SPLIT.split("+")]
+    for dataset in datasets:
+        if dataset.skipped:
+            name, path = dataset.skipped[0]
+            raise DataError(f"{len(dataset.skipped)} entries of '{dataset.split}' in {cfg.ann_path} lack their image "
+                            f"(first: {name}, {path}); a pseudo-label file needs a prediction for every entry: "
+                            f"restore the images, or remove those entries from the annotation file")
+    return datasets
+
+
+def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str,
+                         train_sets: list[RefDataset]) -> tuple[int, float]:
     """Writes the annotation file with TRAIN_SPLIT's boxes replaced by predictions (RefCLIP's
     pseudo-labels for training other REC models). Each training entry's box is predicted from its
     expressions as PSEUDO_LABEL_EXPRESSIONS says; entries keep every other field, and the other
     splits are copied unchanged. Returns the number of entries written and the percentage whose
     pseudo-label overlaps the file's own box with IoU > 0.5 (the labels' quality, where the file
-    holds real training boxes)."""
+    holds real training boxes). ``train_sets``: :func:`pseudo_label_datasets`. The file is replaced
+    only once written whole."""
     data = load_annotations(cfg.ann_path, cfg.DATASET)
     out = dict(data)
     agree = []
-    for split in cfg.TRAIN_SPLIT.split("+"):
-        dataset = RefDataset(cfg, split)
-        if dataset.skipped:
-            raise RuntimeError(f"{len(dataset.skipped)} entries of '{split}' lack their image; pseudo-labels "
-                               "need every entry (set SKIP_BAD_IMAGES: False to see which)")
+    for dataset in train_sets:
+        split = dataset.split
         boxes, overlaps = pseudo_label_boxes(model, dataset, cfg, device)
         out[split] = [dict(entry, bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)])
                       for entry, (x1, y1, x2, y2) in zip(data[split], boxes)]
         agree.append(overlaps)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    prepare_output_file(path, "--export-pseudo-labels")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(out, f)
+    os.replace(path + ".tmp", path)
     agree = np.concatenate(agree)
     return agree.size, 100.0 * float(agree.mean())
 
@@ -150,6 +165,11 @@ def format_table(results: dict[str, dict]) -> str:
 def main(args: argparse.Namespace) -> int:
     cfg = evaluation_config(args.eval_weights, args.config, args.overrides)
     device = dist_utils.local_device(args.device)
+    for path, option in ((args.out_json, "--out-json"), (args.export_pseudo_labels, "--export-pseudo-labels")):
+        if path:
+            prepare_output_file(path, option)
+    if args.vis_dir:
+        make_folder(args.vis_dir, "--vis-dir")
     distributed = dist_utils.init_distributed(device, cfg.DIST_BACKEND)
     is_main = dist_utils.is_main()
     setup_logger(None, "test", is_main)
@@ -165,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
                 model, "ranks_anchors", False):
             raise ConfigError("PSEUDO_LABEL_EXPRESSIONS: all sums the ranking of anchors over an entry's expressions, "
                               "and this model regresses one box per expression: set PSEUDO_LABEL_EXPRESSIONS=first")
+        train_sets = pseudo_label_datasets(cfg) if args.export_pseudo_labels else []
         if cfg.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
 
@@ -183,7 +204,6 @@ def main(args: argparse.Namespace) -> int:
         if is_main:
             print(format_table(results))
             if args.out_json:
-                os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
                 with open(args.out_json, "w") as f:
                     json.dump(results, f, indent=2)
             if args.visualize and datasets:
@@ -191,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
                 paths = visualize(model, next(iter(datasets.values())), cfg, device, args.visualize, folder)
                 print(f"visualizations: {max(len(paths) - 1, 0)} drawings and their contact sheet in {folder}")
             if args.export_pseudo_labels:
-                count, agree = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels)
+                count, agree = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels,
+                                                   train_sets)
                 print(f"pseudo-labels: {count} training entries written to {args.export_pseudo_labels}; "
                       f"{agree:.2f} % of them within IoU 0.5 of the file's own boxes")
     finally:

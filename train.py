@@ -7,7 +7,10 @@ Each epoch trains on TRAIN_SPLIT, validates the EMA weights on VAL_SPLIT and
 writes ``last.pth`` and ``best.pth`` (atomically) in LOG_PATH, beside the
 resolved config, a log file and TensorBoard events. A fresh run into a LOG_PATH
 that holds another run's checkpoints stops (continue it with --resume, or pass
---overwrite). Ctrl-C or SIGTERM saves ``last.pth`` where the run stopped.
+--overwrite), and so does a run into a LOG_PATH another live run owns (``run.lock``,
+see utils/run_lock.py). A resumed run whose config changes what the model computes
+stops, naming each changed key, unless --allow-config-change. Ctrl-C or SIGTERM
+saves ``last.pth`` where the run stopped.
 The loop itself is ``utils.engine.fit``, shared with pretrain.py.
 """
 from __future__ import annotations
@@ -22,10 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import DataError, RefDataset, build_loader, check_training_file, load_word_vectors
 from models import DetectorCache, build_model
 from utils import distributed as dist_utils
-from utils.checkpoint import (FORMAT, CheckpointMismatchError, load_checkpoint, load_pretrained_backbone,
-                              prepare_run_folder)
+from utils.checkpoint import (FORMAT, CheckpointMismatchError, check_model_config, config_from_checkpoint,
+                              load_checkpoint, load_pretrained_backbone, prepare_run_folder)
 from utils.cli import run_main
-from utils.config import load_config
+from utils.config import Config, load_config
 from utils.engine import MetricLogger, NonFiniteLossError, Run, TrainState, fit, prepare_batch, rec_losses
 from utils.evaluation import evaluate
 from utils.logger import setup_logger
@@ -41,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="", help="checkpoint to continue from (usually LOG_PATH/last.pth)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a LOG_PATH that holds another run's checkpoints, replacing them")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even where the config changes what the checkpoint's model computes")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
@@ -49,8 +54,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device = dist_utils.local_device(args.device)
-    prepare_run_folder(cfg.LOG_PATH, "LOG_PATH", [os.path.join(cfg.LOG_PATH, name) for name in ("last.pth", "best.pth")],
-                       args.resume, args.overwrite)
+    ckpt = resume_checkpoint(args.resume, cfg, args.allow_config_change) if args.resume else None
+    with prepare_run_folder(cfg.LOG_PATH, "LOG_PATH", [os.path.join(cfg.LOG_PATH, name) for name in
+                                                       ("last.pth", "best.pth")], args.resume, args.overwrite):
+        return train(args, cfg, device, ckpt)
+
+
+def resume_checkpoint(path: str, cfg: Config, allow_config_change: bool) -> dict:
+    """The training checkpoint ``path``, checked before anything is spent: written by train.py, and
+    trained with a config that computes what ``cfg`` does (see ``check_model_config``)."""
+    ckpt = load_checkpoint(path, "checkpoint to resume")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path} is not a training checkpoint of this project (a reference "
+                                      "checkpoint can be evaluated with test.py, not resumed)")
+    check_model_config(cfg, config_from_checkpoint(ckpt, path), path, allow_config_change)
+    return ckpt
+
+
+def train(args: argparse.Namespace, cfg: Config, device: torch.device, ckpt: dict | None) -> int:
     distributed = dist_utils.init_distributed(device, cfg.DIST_BACKEND)
     is_main = dist_utils.is_main()
     setup_logger(cfg.LOG_PATH, "train", is_main)
@@ -79,11 +100,7 @@ def main(args: argparse.Namespace) -> int:
     if cfg.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     state = TrainState.create(model, Recipe.rec(cfg), len(train_loader), cfg.AMP, device)
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, "checkpoint to resume")
-        if ckpt.get("format") != FORMAT:
-            raise CheckpointMismatchError(f"{args.resume} is not a training checkpoint of this project (a reference "
-                                          "checkpoint can be evaluated with test.py, not resumed)")
+    if ckpt is not None:
         if ckpt["vocab"] != list(vocab):
             raise CheckpointMismatchError(f"{args.resume} was trained with another vocabulary (another annotation "
                                           "file?)")

@@ -1,5 +1,6 @@
 """Data pipeline: annotation files and images to the tensors the model takes."""
 from .annotations import DataError, image_file_name, load_annotations
+from .image_io import image_size, read_image
 from .letterbox import (box_to_yolo, clip_to_image, letterbox_geometry, letterbox_image, letterbox_to_original,
                         normalize, original_to_letterbox)
 from .loader import EpochSampler, ShardSampler, build_loader
@@ -11,6 +12,6 @@ from .word_vectors import load_word_vectors
 __all__ = [
     "CLS", "DataError", "EntryExpressions", "EpochSampler", "FirstExpression", "PAD", "RefDataset", "SPECIAL_TOKENS",
     "ShardSampler", "UNK", "box_to_yolo", "build_loader", "build_vocab", "check_training_file", "clip_to_image", "encode",
-    "image_file_name", "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations",
-    "load_word_vectors", "normalize", "original_to_letterbox", "select_expressions", "tokenize",
+    "image_file_name", "image_size", "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations",
+    "load_word_vectors", "normalize", "original_to_letterbox", "read_image", "select_expressions", "tokenize",
 ]

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from utils.text_io import read_text
+
 # Datasets whose images are COCO train2014 files; every other dataset names
 # its images by the bare id (ReferIt, synthetic).
 COCO_DATASETS = ("refcoco", "refcoco+", "refcocog")
@@ -36,11 +38,10 @@ def load_annotations(path: str, dataset: str) -> dict[str, list[dict]]:
     if not os.path.isfile(path):
         raise DataError(f"annotation file not found: {path} (set ANN_PATH['{dataset}'] in the config; "
                         f"python -m datasets.prepare_refer makes one from the REFER data)")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f"annotation file {path} is not valid JSON: {err}") from None
+    try:
+        data = json.loads(read_text(path, "annotation file", DataError))
+    except json.JSONDecodeError as err:
+        raise DataError(f"annotation file {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise DataError(f"annotation file {path} must hold {{split: [entry, ...]}} at its top level")
     for split, entries in data.items():

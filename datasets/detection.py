@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.text_io import read_text
+
 from .annotations import DataError, load_annotations
+from .image_io import read_image
 from .letterbox import letterbox_image, normalize
 
 
@@ -43,8 +46,10 @@ class DetectionDataset(Dataset):
     def __init__(self, ann_path: str, image_dir: str, cfg, exclude: Iterable[int] = (), flip: bool = False):
         if not os.path.isfile(ann_path):
             raise DataError(f"detection annotation file not found: {ann_path} (DET_ANN_PATH / DET_VAL_ANN_PATH)")
-        with open(ann_path) as f:
-            coco = json.load(f)
+        try:
+            coco = json.loads(read_text(ann_path, "detection annotation file", DataError))
+        except json.JSONDecodeError as err:
+            raise DataError(f"detection annotation file {ann_path} is not valid JSON: {err}") from None
         self.image_dir = image_dir
         self.size = cfg.INPUT_SHAPE[0]
         self.mean, self.std = cfg.MEAN, cfg.STD
@@ -80,9 +85,7 @@ class DetectionDataset(Dataset):
             flip = self.flip and bool(torch.rand(()) < 0.5)
         iid = self.image_ids[index]
         path = os.path.join(self.image_dir, self.file_names[iid])
-        image = cv2.imread(path)
-        if image is None:
-            raise DataError(f"cannot read image {path} (DET_IMAGE_PATH / DET_VAL_IMAGE_PATH)")
+        image = read_image(path, " (DET_IMAGE_PATH / DET_VAL_IMAGE_PATH)")
         square, (h, w, nh, nw, dx, dy) = letterbox_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), self.size)
         boxes, labels = self.gt(iid)
         boxes = boxes.float()

@@ -19,14 +19,15 @@ def letterbox_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
 
     The long side becomes ``size``; the short side is truncated to an integer,
     not rounded, as the reference does, so ``nw`` or ``nh`` may be one pixel
-    less than the exact aspect ratio would give.
+    less than the exact aspect ratio would give; it is at least one pixel (an
+    image thinner than ``1 / size`` of its length would otherwise vanish).
     """
     aspect = w / h
     if aspect < 1:
         nh, nw = size, size * aspect
     else:
         nw, nh = size, size / aspect
-    nw, nh = int(nw), int(nh)
+    nw, nh = max(int(nw), 1), max(int(nh), 1)
     return nh, nw, (size - nw) // 2, (size - nh) // 2
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 
-from PIL import Image
-
 from .annotations import DataError, describe_entry, image_file_name, load_annotations
+from .image_io import image_size
 
 # How far past an image edge a box may reach (pixels): predictions mapped back from the letterboxed
 # input are floats, and a box clipped to the image may overshoot it by rounding.
@@ -52,7 +51,7 @@ def check_training_file(path: str, original: str, train_split: str, dataset: str
         for index, entry in enumerate(data[split]):
             iid = entry["iid"]
             if iid not in sizes:
-                sizes[iid] = _image_size(os.path.join(image_dir, image_file_name(dataset, iid)))
+                sizes[iid] = image_size(os.path.join(image_dir, image_file_name(dataset, iid)))
             if sizes[iid] is None:
                 continue
             width, height = sizes[iid]
@@ -63,11 +62,3 @@ def check_training_file(path: str, original: str, train_split: str, dataset: str
                                 f"outside its {width}x{height} image; boxes are [x, y, w, h] in the image's "
                                 "pixels, clip them to the image")
 
-
-def _image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) read from the file's header; None when there is no readable image."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except OSError:
-        return None

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .annotations import DataError, describe_entry, image_file_name, load_annotations, select_splits
+from .image_io import read_image
 from .letterbox import box_to_yolo, letterbox_image, normalize
 from .tokens import build_vocab, encode, encode_many, select_expressions, tokenize
 
@@ -120,10 +121,7 @@ class RefDataset(Dataset):
         """The letterboxed RGB uint8 image of entry ``index`` and its info ``(h, w, nh, nw, dx, dy, iid)``."""
         entry = self.entries[index]
         path = self.image_file(entry)
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise DataError(f"cannot read image {path} of {self.entry_names[index]} in {self.ann_path} "
-                            f"(missing, unreadable or not an image)")
+        image = read_image(path, f" of {self.entry_names[index]} in {self.ann_path}")
         square, geometry = letterbox_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), self.input_size)
         return square, geometry + (entry["iid"],)
 

@@ -25,7 +25,7 @@ def trained(tiny):  # noqa: F811
 
 
 def test_checkpoint_from_another_config_names_the_shapes(tiny, trained):  # noqa: F811
-    out = run("test.py", "--config", "config/refcoco.yaml", "--eval-weights", str(trained),
+    out = run("test.py", "--config", "config/refcoco.yaml", "--eval-weights", str(trained), "--allow-config-change",
               *overrides(tiny[0], tiny, "HIDDEN_SIZE=16", "FF_SIZE=32"), check=False)
     assert out.returncode == 2
     assert "shape mismatch" in out.stderr and "(32,) in" in out.stderr and "Traceback" not in out.stderr

@@ -191,8 +191,9 @@ def test_a_file_that_is_not_an_image_is_a_one_line_error(trained, tmp_path):
     notes.write_text("not an image")
     out = run("predict.py", "--weights", str(trained), "--image", str(notes), "--expr", "red", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines() == [f"error: {notes} is not an image OpenCV can decode (JPEG, PNG, "
-                                               "BMP, TIFF, WebP...)"]
+    assert out.stderr.strip().splitlines() == [f"error: image {notes} is not an image OpenCV can decode (JPEG, "
+                                               "PNG, BMP, TIFF, WebP...): replace the file, or remove what refers "
+                                               "to it"]
 
 
 def test_contact_sheet_grid_and_tiles_of_one_shape():

@@ -3,8 +3,10 @@ models with every key that does not fit reported; the reference's and APL's file
 mapping of ``models/reference_keys.py``."""
 from __future__ import annotations
 
+import glob
 import os
 import random
+import sys
 import tempfile
 import warnings
 from typing import Callable, Mapping
@@ -17,6 +19,8 @@ from models import REC, Student, build_model
 from models.reference_keys import NOT_IN_APL_CHECKPOINTS, is_apl_key, to_ours, to_reference
 
 from .config import Config, ConfigError, changed_model_keys, config_from_dict, load_config
+from .paths import make_folder
+from .run_lock import RunLock
 
 FORMAT = "rec-train-v1"
 
@@ -61,12 +65,12 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_reference_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+def load_reference_state_dict(model: nn.Module, state_dict: Mapping, source: str = "the reference state dict") -> None:
     """Load a state dict in the reference's naming (raw, or a checkpoint holding ``'state_dict'``,
     with or without DDP's ``module.`` prefix) into ``model``. Nothing is skipped: any key that is
-    missing, unexpected or of another shape raises :class:`CheckpointMismatchError`."""
+    missing, unexpected or of another shape raises :class:`CheckpointMismatchError` naming ``source``."""
     weights = {to_ours(k): v for k, v in unwrap_state_dict(state_dict).items()}
-    load_matching(model, weights, "the reference state dict", to_reference)
+    load_matching(model, weights, source, to_reference)
 
 
 def is_apl_checkpoint(obj: Mapping) -> bool:
@@ -75,7 +79,7 @@ def is_apl_checkpoint(obj: Mapping) -> bool:
     return any(is_apl_key(k) for k in unwrap_state_dict(obj))
 
 
-def load_apl_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+def load_apl_state_dict(model: nn.Module, state_dict: Mapping, source: str = "the APL state dict") -> None:
     """Load a state dict saved by APL's code (raw, or a checkpoint holding ``'state_dict'``, with or
     without DDP's ``module.`` prefix) into the model of an APL config (``config/apl_*.yaml``).
     Nothing is skipped: any key that is missing, unexpected or of another shape raises
@@ -89,7 +93,7 @@ def load_apl_state_dict(model: nn.Module, state_dict: Mapping) -> None:
     for key in NOT_IN_APL_CHECKPOINTS:
         if key in own and key not in weights:
             weights[key] = own[key]
-    load_matching(model, weights, "the APL state dict", to_reference)
+    load_matching(model, weights, source, to_reference)
 
 
 def load_pretrained_backbone(visual_encoder: nn.Module, path: str) -> None:
@@ -186,18 +190,34 @@ def restore_training_state(ckpt: dict, path: str, model, ema, optimizer, schedul
     set_rng_state(ckpt["rng"])
 
 
-def prepare_run_folder(folder: str, key: str, previous: list[str], resume: str, overwrite: bool) -> None:
-    """Make ``folder`` (config key ``key``) for a run, never at the cost of another run: a fresh run
-    (no ``resume``) stops where any of ``previous`` (that run's checkpoints and outputs) exists,
-    unless ``overwrite``."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ConfigError(f"{key} {folder} is a file, not a folder; set {key} to a folder path")
-    found = [path for path in previous if os.path.exists(path)]
-    if found and not resume and not overwrite:
-        raise ConfigError(f"{', '.join(found)} already exist(s) from an earlier run: continue it with --resume "
-                          f"{os.path.join(folder, 'last.pth')}, start a new one with {key}=<new folder>, or "
-                          "pass --overwrite to replace it")
-    os.makedirs(folder, exist_ok=True)
+def prepare_run_folder(folder: str, key: str, previous: list[str], resume: str, overwrite: bool) -> RunLock:
+    """Make ``folder`` (config key ``key``) for a run and take its lock (:class:`RunLock`, on rank 0
+    only under torchrun), never at the cost of another run: a run into a folder another live run
+    owns stops, naming the owner, and a fresh run (no ``resume``) stops where any of ``previous``
+    (that run's checkpoints and outputs) exists, unless ``overwrite``. Partial checkpoints that a
+    killed save left in ``folder`` are removed, with a message. Returns the lock, held; give it back
+    with ``release()`` or a ``with`` block."""
+    make_folder(folder, key)
+    lock = RunLock(folder, key)
+    if os.environ.get("RANK", "0") != "0":
+        return lock
+    lock.acquire()
+    try:
+        found = [path for path in previous if os.path.exists(path)]
+        if found and not resume and not overwrite:
+            raise ConfigError(f"{', '.join(found)} already exist(s) from an earlier run: continue it with --resume "
+                              f"{os.path.join(folder, 'last.pth')}, start a new one with {key}=<new folder>, or "
+                              "pass --overwrite to replace it")
+        for path in previous:
+            for partial in sorted(glob.glob(glob.escape(path) + ".*.tmp")):
+                if os.path.dirname(os.path.abspath(partial)) == os.path.abspath(folder):
+                    os.remove(partial)
+                    print(f"warning: removed {partial}, a partial checkpoint left by a save that was interrupted "
+                          f"(a killed run); the checkpoints themselves are untouched", file=sys.stderr)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def completed_epochs(path: str) -> int:
@@ -207,9 +227,19 @@ def completed_epochs(path: str) -> int:
     return load_checkpoint(path, "training checkpoint")["epoch"]
 
 
+def refuse_detector_weights(ckpt: dict, path: str) -> None:
+    """Stop, naming ``path``, where a detector weight file is given as a trained model."""
+    weights = unwrap_state_dict(ckpt)
+    if weights and all(key.startswith("module_list.") for key in weights):
+        raise CheckpointMismatchError(f"{path} holds detector weights only (a PRETRAIN_WEIGHT file, such as "
+                                      "pretrain.py's DET_OUTPUT), not a trained REC model: give it to train.py as "
+                                      "PRETRAIN_WEIGHT, and use the checkpoint train.py writes (LOG_PATH/best.pth)")
+
+
 def config_from_checkpoint(ckpt: dict, path: str, overrides: list[str] | None = None) -> Config:
     """The config a checkpoint of this project was trained with (plus ``overrides``)."""
     if ckpt.get("format") != FORMAT:
+        refuse_detector_weights(ckpt, path)
         raise CheckpointMismatchError(f"{path} holds no config and vocabulary (a checkpoint of the reference's or "
                                       "APL's code?); evaluate it with --config <the config it was trained with>")
     return config_from_dict(ckpt["config"], overrides, source=f"the config stored in {path}")
@@ -221,6 +251,21 @@ def evaluation_config(weights: str, config: str | None, overrides: list[str]) ->
     if config:
         return load_config(config, overrides)
     return config_from_checkpoint(load_checkpoint(weights, "evaluation weights"), weights, overrides)
+
+
+def check_model_config(cfg: Config, trained: Config, path: str, allow_config_change: bool, hint: str = "") -> None:
+    """Stop where ``cfg`` changes what the model of checkpoint ``path`` (trained with ``trained``)
+    computes: another MODEL.ARCH always, any other key of ``MODEL_KEYS`` (INPUT_SHAPE, SELECT_NUM,
+    ...) unless ``allow_config_change``; each changed key is named, ``hint`` added to the advice."""
+    if cfg.ARCH != trained.ARCH:
+        raise ConfigError(f"{path} holds a '{trained.ARCH}' model and the config asks for ARCH '{cfg.ARCH}': "
+                          f"set ARCH={trained.ARCH}, or give a checkpoint of a '{cfg.ARCH}' model")
+    changed = changed_model_keys(cfg, trained)
+    if changed and not allow_config_change:
+        differences = ", ".join(f"{key} ({cfg[key]} here, {trained[key]} in training)" for key in changed)
+        raise ConfigError(f"the config differs from the one {path} was trained with in {differences}: the "
+                          f"model would not compute what it was trained to; drop these changes{hint}, or pass "
+                          "--allow-config-change")
 
 
 def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch.device,
@@ -242,16 +287,12 @@ def model_for_evaluation(path: str, cfg: Config, vocab: list[str], device: torch
             raise CheckpointMismatchError(f"{path} was trained with a vocabulary of {len(ckpt['vocab'])} tokens that "
                                           f"differs from this annotation file's ({len(vocab)} tokens): evaluate "
                                           "with the annotation file it was trained on")
+        check_model_config(cfg, config_from_checkpoint(ckpt, path), path, allow_config_change,
+                           " (without --config the checkpoint's own config is used)")
         load_matching(model, ckpt["state_dict"], path)
-        trained = config_from_checkpoint(ckpt, path)
-        changed = changed_model_keys(cfg, trained)
-        if changed and not allow_config_change:
-            differences = ", ".join(f"{key} ({cfg[key]} here, {trained[key]} in training)" for key in changed)
-            raise ConfigError(f"the config differs from the one {path} was trained with in {differences}: the "
-                              "model would not compute what it was trained to; drop these changes (without "
-                              "--config the checkpoint's own config is used), or pass --allow-config-change")
     elif is_apl_checkpoint(ckpt):
-        load_apl_state_dict(model, ckpt)
+        load_apl_state_dict(model, ckpt, f"the APL checkpoint {path}")
     else:
-        load_reference_state_dict(model, ckpt)
+        refuse_detector_weights(ckpt, path)
+        load_reference_state_dict(model, ckpt, f"the reference checkpoint {path}")
     return model.to(device).eval()

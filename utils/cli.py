@@ -12,7 +12,27 @@ from datasets import DataError
 from .checkpoint import CheckpointMismatchError
 from .config import ConfigError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, FileNotFoundError)
+# The OS errors among them are a path of the wrong kind or one that may not be written; their
+# message names the path.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, FileNotFoundError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error. One raised in a DataLoader worker reaches the main process with
+    the worker's traceback in its message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."): only the original message is kept, the line that names the file."""
+    message = str(err)
+    if "\nOriginal Traceback" not in message:
+        return message
+    lines = message.rstrip().splitlines()
+    kind = type(err)
+    prefixes = (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: ")
+    for start in range(len(lines) - 1, 0, -1):
+        if lines[start].startswith(prefixes):
+            first = lines[start].split(": ", 1)[1]
+            return "\n".join([first] + lines[start + 1:])
+    return lines[-1]
 
 
 def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> None:
@@ -20,7 +40,7 @@ def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     try:
         code = main(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

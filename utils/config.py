@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .text_io import read_text
+
 # The 80 classes of the reference's COCO detector (yolov3_coco.pth), in its class order.
 COCO_CLASS_NAMES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -507,11 +509,10 @@ def read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]
         raise ConfigError(f"config file not found: {path}")
     if os.path.abspath(path) in seen:
         raise ConfigError(f"{path}: _BASE_ chain loops back to it ({' -> '.join(seen)})")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    try:
+        raw = yaml.safe_load(read_text(path, "config file", ConfigError)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold sections {list(SCHEMA)} at its top level")
     base = raw.pop("_BASE_", None)
@@ -544,6 +545,10 @@ def config_from_dict(raw: Any, overrides: Iterable[str] | None = None, source: s
     for section, keys in raw.items():
         if section not in SCHEMA:
             raise ConfigError(f"{source}: unknown section '{section}'; sections are {list(SCHEMA)}")
+        if not isinstance(keys, (dict, type(None))):
+            raise ConfigError(f"{source}: section {section} must hold 'KEY: value' lines, got a "
+                              f"{_type_name(keys)}; write each key indented under '{section}:' without a "
+                              "leading '- '")
         for key, value in (keys or {}).items():
             if key in _SECTION_OF and _SECTION_OF[key] != section:
                 raise ConfigError(f"{source}: key '{key}' belongs in section "

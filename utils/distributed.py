@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ConfigError
+
 
 def init_distributed(device: torch.device, backend: str = "auto") -> bool:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK); a plain
@@ -24,12 +26,20 @@ def init_distributed(device: torch.device, backend: str = "auto") -> bool:
 def local_device(requested: str | None) -> torch.device:
     """``--device`` or CUDA when present, else CPU; under torchrun each process takes its local GPU."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-        if name == "cuda":
+            raise ConfigError(f"--device {name} was asked for, but this machine has no usable CUDA device: "
+                              "use --device cpu (or check the driver with nvidia-smi)")
+        if device.index is None:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    return device
 
 
 def is_distributed() -> bool:

@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, normalize, tokenize
+from datasets import (DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, normalize, read_image,
+                      tokenize)
 from .checkpoint import config_from_checkpoint, load_checkpoint, model_for_evaluation
 from .config import Config, load_config
 from .distributed import local_device
@@ -61,18 +62,6 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The BGR uint8 image at ``path``; a missing file or one that is no image is a one-line error."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    data = np.fromfile(path, np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise DataError(f"{path} is not an image OpenCV can decode (JPEG, PNG, BMP, TIFF, WebP...)")
-    return image
 
 
 def vocabulary_warnings(expression: str, token_to_ix: dict[str, int], max_token: int) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_iou
 
-from datasets import FirstExpression, RefDataset
+from datasets import FirstExpression, RefDataset, read_image
 from .engine import to_device
 from .evaluation import gt_xyxy, model_boxes
 
@@ -211,7 +211,7 @@ def evaluate_samples(model: torch.nn.Module, dataset: RefDataset, indices: Seque
         ious = box_iou(preds, gts).diagonal().tolist()
         for index, pred, gt, iou in zip(batch["index"].tolist(), preds.cpu().numpy(), gts.cpu().numpy(), ious):
             entry = dataset.entries[index]
-            image = cv2.imread(dataset.image_file(entry), cv2.IMREAD_COLOR)
+            image = read_image(dataset.image_file(entry))
             samples.append(EvaluatedSample(index, image, entry["refs"][0], gt, pred, iou))
     return samples
 
