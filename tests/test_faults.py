@@ -133,7 +133,7 @@ def test_latin1_detection_annotations_are_refused(tiny, tmp_path):  # noqa: F811
     det = tmp_path / "instances.json"
     det.write_bytes('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "carré"}]}'
                     .encode("latin-1"))
-    one_line(cli(pretrain, "--config", "config/synthetic.yaml", *tiny_args(tiny, f"DET_ANN_PATH={det}",
+    one_line(cli(pretrain, "--config", "config/synthetic/quickstart.yaml", *tiny_args(tiny, f"DET_ANN_PATH={det}",
                                                                            f"DET_VAL_ANN_PATH={det}",
                                                                            f"DET_LOG_PATH={tmp_path / 'det'}",
                                                                            f"DET_OUTPUT={tmp_path / 'd.pth'}")),
@@ -147,9 +147,9 @@ def test_paths_of_the_wrong_kind_are_named_before_anything_runs(tiny, tmp_path, 
     a_file.write_text("x")
     one_line(cli(train, "--config", "config/refcoco.yaml", *tiny_args(tiny), f"LOG_PATH={a_file}/run"),
              "LOG_PATH", a_file)
-    one_line(cli(pretrain, "--config", "config/synthetic.yaml", f"DET_LOG_PATH={a_file}",
+    one_line(cli(pretrain, "--config", "config/synthetic/quickstart.yaml", f"DET_LOG_PATH={a_file}",
                  f"DET_OUTPUT={tmp_path / 'd.pth'}"), "DET_LOG_PATH")
-    one_line(cli(pretrain, "--config", "config/synthetic.yaml", f"DET_OUTPUT={a_file}/d.pth"), "DET_OUTPUT")
+    one_line(cli(pretrain, "--config", "config/synthetic/quickstart.yaml", f"DET_OUTPUT={a_file}/d.pth"), "DET_OUTPUT")
     one_line(cli(quickstart, "--workdir", a_file), "--workdir", a_file)
     one_line(cli(test_py, "--eval-weights", trained, "--out-json", tmp_path), "--out-json", "is a folder")
     one_line(cli(test_py, "--eval-weights", trained, "--export-pseudo-labels", f"{a_file}/p.json"),

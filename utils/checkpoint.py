@@ -81,7 +81,7 @@ def is_apl_checkpoint(obj: Mapping) -> bool:
 
 def load_apl_state_dict(model: nn.Module, state_dict: Mapping, source: str = "the APL state dict") -> None:
     """Load a state dict saved by APL's code (raw, or a checkpoint holding ``'state_dict'``, with or
-    without DDP's ``module.`` prefix) into the model of an APL config (``config/apl_*.yaml``).
+    without DDP's ``module.`` prefix) into the model of an APL config (``config/apl/*.yaml``).
     Nothing is skipped: any key that is missing, unexpected or of another shape raises
     :class:`CheckpointMismatchError`, naming it in both namings. The model's state that APL does
     not save (``NOT_IN_APL_CHECKPOINTS``) keeps its value."""
