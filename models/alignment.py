@@ -19,6 +19,7 @@ from torch import nn
 from .box_head import BoxHead
 from .fusion import MultiScaleFusion
 from .box_prediction import cell_box
+from .student import CollectDiffuseAttention
 
 _HEAD_WIDTH_RATIO = 2  # box head channels = HIDDEN_SIZE / 2: APL's 256 at HIDDEN_SIZE 512
 
@@ -110,12 +111,12 @@ class AlignmentGate(nn.Module):
         return self.norm(self.visual(x) * self.text(text[:, :, None, None]))
 
 
-class AlignmentAttention(nn.Module):
-    """APL's GaranAttention, ``[B,C,H,W]``, ``[B,D]`` -> ``[B,C,H,W]``: per head (``C / heads``
-    channels each), the expression collects one vector from the map (softmax over positions, logits
-    divided by sqrt(C / heads)) and diffuses it back to every position scaled by the sigmoid of that
-    position's match with the expression; then a 1x1 convolution, BatchNorm, the residual map and
-    LeakyReLU(0.1).
+class AlignmentAttention(CollectDiffuseAttention):
+    """APL's GaranAttention, ``[B,C,H,W]``, ``[B,D]`` -> ``[B,C,H,W]``: the student's layers, APL's
+    forward. Per head (``C / heads`` channels each), the expression collects one vector from the map
+    (softmax over positions, logits divided by sqrt(C / heads)) and diffuses it back to every
+    position scaled by the sigmoid of that position's match with the expression; then a 1x1
+    convolution, BatchNorm, the residual map and LeakyReLU(0.1).
 
     Kept from APL's code, unlike the student's attention (``models/student.py``):
     - dropout (``dropout``, APL's 0.1) on the collect weights and on the diffuse weights, in
@@ -128,18 +129,8 @@ class AlignmentAttention(nn.Module):
     """
 
     def __init__(self, channels: int, text_dim: int, heads: int = 2, dropout: float = 0.1):
-        super().__init__()
-        if channels % heads:
-            raise ValueError(f"{channels} channels do not split into {heads} heads")
-        self.heads = heads
-        self.query = nn.Linear(text_dim, channels)
-        self.collect_key = nn.Conv2d(channels, channels, 1)
-        self.diffuse_key = nn.Conv2d(channels, channels, 1)
-        self.value = nn.Conv2d(channels, channels, 1)
+        super().__init__(channels, text_dim, heads)
         self.mask_pred = nn.Conv2d(channels, 1, 3, padding=1).requires_grad_(False)
-        self.out = nn.Conv2d(channels, channels, 1)
-        self.norm = nn.BatchNorm2d(channels)
-        self.act = nn.LeakyReLU(0.1, inplace=True)
         self.collect_dropout = nn.Dropout(dropout)
         self.diffuse_dropout = nn.Dropout(dropout)
 
