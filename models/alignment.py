@@ -1,12 +1,13 @@
 """APL's visual alignment: a supervised box head on language-fused features, trained online on the
-weak model's own best-anchor boxes (APL_ALIGNMENT).
+weak model's own best-anchor boxes (APL_ALIGNMENT), built as APL's code (models/APL/net.py) builds it.
 
 The prompted anchor embeddings are written back into their cells of the fused stride-32 map; the
-three fused maps are each gated by the expression (SimREC's simple fusion), fused across scales
-again, attended by the expression (SimREC's collect-diffuse attention) and given to the anchor-free
-box head of ``models/box_head.py`` (the gate, the attention and the head are the student's,
-``models/student.py``). The expression's features are detached, as in APL: the head trains the
-visual side only.
+three fused maps are each narrowed to HIDDEN_SIZE channels and gated by the expression
+(:class:`AlignmentGate`, APL's SimpleFusion), fused across scales again (APL's second
+MultiScaleFusion), attended by the expression (:class:`AlignmentAttention`, APL's GaranAttention)
+and given to the anchor-free box head of ``models/box_head.py``. The expression's features are
+detached, as in APL: the head trains the visual side only. The student (``models/student.py``) has
+its own gate and attention, SimREC's.
 
 Shapes: B images, K selected anchors, D = HIDDEN_SIZE, C the fused maps' channels.
 """
@@ -18,7 +19,7 @@ from torch import nn
 from .box_head import BoxHead
 from .fusion import MultiScaleFusion
 from .box_prediction import cell_box
-from .student import CollectDiffuseAttention, LanguageGate
+from .student import CollectDiffuseAttention
 
 _HEAD_WIDTH_RATIO = 2  # box head channels = HIDDEN_SIZE / 2: APL's 256 at HIDDEN_SIZE 512
 
@@ -41,9 +42,13 @@ class VisualAlignment(nn.Module):
         # that --resume keeps the burn-in.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.anchor_proj = nn.Linear(hidden, channels)
-        self.gates = nn.ModuleList(LanguageGate(channels, hidden) for _ in range(3))
-        self.multi_scale = MultiScaleFusion((channels, channels, channels), hidden, side_outputs=False)
-        self.attention = CollectDiffuseAttention(hidden, hidden)
+        self.gates = nn.ModuleList(AlignmentGate(channels, hidden, hidden) for _ in range(3))
+        # APL builds (and runs) the fusion's side projections, but reads only its stride-32 output:
+        # their weights never train (no gradient reaches them), their BatchNorm statistics do.
+        self.multi_scale = MultiScaleFusion((hidden, hidden, hidden), hidden)
+        for module in (self.multi_scale.mid_proj, self.multi_scale.bot_proj):
+            module.requires_grad_(False)
+        self.attention = AlignmentAttention(hidden, hidden)
         # SimREC's head as APL configures it: SiLU, IoU loss weight 5, no L1, assignment cost 3 x IoU
         # cost; APL never calls its bias initialisation (obj_prior 0).
         self.head = BoxHead(hidden, hidden // _HEAD_WIDTH_RATIO, stride=32, iou_loss="iou", iou_weight=5.0,
@@ -55,7 +60,8 @@ class VisualAlignment(nn.Module):
         s32 = write_anchors(s32, self.anchor_proj(visual), cells)
         language = language.detach()
         gated = [gate(x, language) for gate, x in zip(self.gates, (s8, s16, s32))]
-        return self.head(self.attention(self.multi_scale(*gated), language))
+        fused = self.multi_scale(*gated, all_scales=self.training)
+        return self.head(self.attention(fused[-1] if self.training else fused, language))
 
     def count_forward(self, training: bool) -> None:
         """Called at every forward of the model. APL_BURN_IN_COUNT 'every_forward' (APL's code) counts
@@ -84,6 +90,66 @@ class VisualAlignment(nn.Module):
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         return self.head.decode(raw)
+
+
+class AlignmentGate(nn.Module):
+    """APL's SimpleFusion: a map ``[B,C,H,W]`` narrowed to ``out`` channels and gated channel by
+    channel by the expression ``[B,D]``: ``act(BN(v(map) * q(expression)))`` -> ``[B,out,H,W]``.
+
+    Both projections are a 1x1 convolution with a bias, BatchNorm and LeakyReLU(0.1); the
+    expression's runs on it as a ``[B,D,1,1]`` map, so in training its BatchNorm normalises over
+    the batch (a batch of one cannot train). The student's gate (SimREC's) keeps the map's width.
+    """
+
+    def __init__(self, channels: int, text_dim: int, out: int):
+        super().__init__()
+        self.visual = nn.Sequential(nn.Conv2d(channels, out, 1), nn.BatchNorm2d(out), nn.LeakyReLU(0.1))
+        self.text = nn.Sequential(nn.Conv2d(text_dim, out, 1), nn.BatchNorm2d(out), nn.LeakyReLU(0.1))
+        self.norm = nn.Sequential(nn.BatchNorm2d(out), nn.LeakyReLU(0.1))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.visual(x) * self.text(text[:, :, None, None]))
+
+
+class AlignmentAttention(CollectDiffuseAttention):
+    """APL's GaranAttention, ``[B,C,H,W]``, ``[B,D]`` -> ``[B,C,H,W]``: the student's layers, APL's
+    forward. Per head (``C / heads`` channels each), the expression collects one vector from the map
+    (softmax over positions, logits divided by sqrt(C / heads)) and diffuses it back to every
+    position scaled by the sigmoid of that position's match with the expression; then a 1x1
+    convolution, BatchNorm, the residual map and LeakyReLU(0.1).
+
+    Kept from APL's code, unlike the student's attention (``models/student.py``):
+    - dropout (``dropout``, APL's 0.1) on the collect weights and on the diffuse weights, in
+      training only;
+    - the diffused map is laid out as ``[w, h]`` and read back as ``[h, w]`` before the output
+      convolution: transposed on a square map, shuffled on others; the residual is not;
+    - ``mask_pred``, GARAN's 3x3 convolution to a one-channel map: APL computes the map and
+      discards it, so it is never run here and its weights never train (they stay for APL's
+      checkpoints).
+    """
+
+    def __init__(self, channels: int, text_dim: int, heads: int = 2, dropout: float = 0.1):
+        super().__init__(channels, text_dim, heads)
+        self.mask_pred = nn.Conv2d(channels, 1, 3, padding=1).requires_grad_(False)
+        self.collect_dropout = nn.Dropout(dropout)
+        self.diffuse_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        d = c // self.heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:  # [B,C,H,W] -> [B,heads,d,H*W]
+            return y.view(b, self.heads, d, h * w)
+
+        query = self.query(text).view(b, self.heads, 1, d)
+        temperature = d ** 0.5
+        collect = self.collect_dropout(((query @ split(self.collect_key(x))) / temperature).softmax(dim=-1))
+        gathered = split(self.value(x)) @ collect.transpose(-1, -2)  # [B, heads, d, 1]
+        diffuse = self.diffuse_dropout(((query @ split(self.diffuse_key(x))) / temperature).sigmoid())
+        context = (gathered * diffuse).view(b, c, h, w)
+        # APL's height/width swap (see the class docstring).
+        context = context.transpose(2, 3).reshape(b, c, h, w)
+        return self.act(self.norm(self.out(context)) + x)
 
 
 def write_anchors(grid: torch.Tensor, anchors: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:

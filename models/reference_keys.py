@@ -85,18 +85,18 @@ _AT_START = {
         ("gamma.0.", "to_gamma."),
         ("beta.0.", "to_beta."),
     ],
-    # APL's SimpleFusion; its q_proj.1 (a BatchNorm) and v_proj.0's bias have no counterpart here.
+    # APL's SimpleFusion (models/alignment.py AlignmentGate); ``norm`` keeps its name.
     "fusion_manner": [
-        ("{n}.v_proj.0.", "{n}.visual.conv."),
-        ("{n}.v_proj.1.", "{n}.visual.bn."),
-        ("{n}.q_proj.0.", "{n}.text.0."),
+        ("{n}.v_proj.", "{n}.visual."),
+        ("{n}.q_proj.", "{n}.text."),
     ],
-    # APL's GaranAttention; its w_m (a map nothing reads) has no counterpart here.
+    # APL's GaranAttention (models/alignment.py AlignmentAttention).
     "attention_manner": [
         ("w_qs.", "query."),
         ("w_kc.", "collect_key."),
         ("w_kd.", "diffuse_key."),
         ("w_vs.", "value."),
+        ("w_m.", "mask_pred."),
         ("w_o.", "out."),
         ("layer_norm.", "norm."),
     ],
