@@ -266,7 +266,7 @@ def test_alignment_in_burn_in_and_reconstruction_leave_the_refclip_terms_unchang
 def test_apl_config_errors_say_what_to_fix():
     with pytest.raises(ConfigError, match=r"DETECTOR_CLASS_NAMES to list CLASS_NUM \(100\)"):
         load_config("config/referit.yaml", ["APL_CATEGORY_PROMPT=true"])
-    with pytest.raises(ConfigError, match="APL_RECON_ANCHOR must be 'own' or 'batch_sum'"):
+    with pytest.raises(ConfigError, match="APL_RECON_ANCHOR must be 'batch_sum' or 'own'"):
         load_config(None, ["APL_RECON_ANCHOR=best"])
     with pytest.raises(ConfigError, match="APL_ALIGN_BURN_IN must not be negative"):
         load_config(None, ["APL_ALIGN_BURN_IN=-1"])
