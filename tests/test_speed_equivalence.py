@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from datasets import normalize_images
 from models import DetectorCache, build_model
 from utils.config import ConfigError, load_config
 from utils.ema import ModelEMA
@@ -226,11 +227,15 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(tiny_cfg):
 def test_detector_cache_gives_the_uncached_steps_and_boxes_running_each_image_once(tiny_overrides):
     cfg = load_config("config/refcoco.yaml", tiny_overrides + ["DROPOUT_R=0.0", "FREEZE_BACKBONE_BN=true",
                                                                "CACHE_DETECTOR=true"])
-    images, refs = _inputs(cfg)
+    _, refs = _inputs(cfg)
+    size = cfg.INPUT_SHAPE[0]
+    images = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
     # Two epochs of two batches over the same four images, the second epoch in another order.
     order = [[0, 1], [2, 3], [3, 1], [0, 2]]
     batches = [{"image": images[i], "refs": refs[i], "info": torch.tensor([[0] * 6 + [100 + j] for j in i])}
                for i in order]
+    mean_std = (cfg.MEAN, cfg.STD)
     plain, cached = _model(cfg), _model(cfg)
     cache, detected = DetectorCache(), []
     detect = cached.detect
@@ -240,7 +245,7 @@ def test_detector_cache_gives_the_uncached_steps_and_boxes_running_each_image_on
         model.train()
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        losses[name] = [train_step(model, prepare_batch(model, batch, DEVICE, cache=detector_cache),
+        losses[name] = [train_step(model, prepare_batch(model, batch, DEVICE, cache=detector_cache, mean_std=mean_std),
                                    optimizer, scheduler, None, None, 10.0, "none", DEVICE)["loss"]
                         for batch in batches]
     assert detected == [2, 2] and len(cache) == 4
@@ -249,10 +254,10 @@ def test_detector_cache_gives_the_uncached_steps_and_boxes_running_each_image_on
         assert torch.equal(a, b), name
     for model in (plain, cached):
         model.eval()
-    batch = prepare_batch(cached, batches[2], DEVICE, cache=cache)
+    batch = prepare_batch(cached, batches[2], DEVICE, cache=cache, mean_std=mean_std)
     assert detected == [2, 2]
     with torch.no_grad():
         boxes = cached(batch["image"], batch["refs"], batch["detections"])
-        assert torch.equal(boxes, plain(images[[3, 1]], refs[[3, 1]]))
+        assert torch.equal(boxes, plain(normalize_images(images[[3, 1]], *mean_std), refs[[3, 1]]))
     with pytest.raises(ConfigError, match="CACHE_DETECTOR needs a detector whose outputs do not change"):
         load_config("config/refcoco.yaml", ["CACHE_DETECTOR=true"])

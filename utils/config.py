@@ -101,6 +101,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "CACHE_DETECTOR": (False, "keep the frozen detector's outputs per image after its first pass and reuse "
                            "them in later epochs and evaluation passes (same results; needs VIS_FREEZE and "
                            "FREEZE_BACKBONE_BN; memory: ~130 KB per image at the synthetic size, 5 MB at 416)"),
+        "CACHE_DETECTOR_MAX_MB": (2048, "the most memory CACHE_DETECTOR's outputs take, in MB: past it the least "
+                                  "recently used images are dropped (and detected again when they recur)"),
         "COMPILE": (False, "wrap the model in torch.compile"),
     },
     "DETECTOR": {
@@ -262,7 +264,7 @@ _RANGES = {
                                   "DET_WARMUP", "DET_WARMUP_LR", "DET_MIN_LR", "DET_WEIGHT_DECAY",
                                   "DET_GRAD_NORM_CLIP", "DET_CLS_WEIGHT", "FNS_WEIGHT", "ER_WEIGHT",
                                   "VIS_MIN_CHANNELS", "BOX_IOU_WEIGHT", "BOX_L1_WEIGHT", "BOX_OBJ_COST",
-                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN")},
+                                  "APL_RECON_WEIGHT", "APL_ALIGN_BURN_IN", "CACHE_DETECTOR_MAX_MB")},
     **{key: (0, 1) for key in ("EMA_DECAY", "DET_EMA_DECAY", "DROPOUT_R", "DET_IGNORE_IOU", "DET_SCORE_MIN",
                                "DET_NMS_IOU", "DET_AP_IOU")},
 }

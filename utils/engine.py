@@ -14,7 +14,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from datasets import letterbox_to_original
+from datasets import letterbox_to_original, normalize_images
 from models.box_prediction import cell_box
 from models.detector_cache import DetectorCache
 
@@ -49,8 +49,16 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+def to_device(batch: dict, device: torch.device, mean_std: tuple[Sequence[float], Sequence[float]],
+              channels_last: bool = False) -> dict:
+    """The batch's tensors on ``device``, the uint8 images the datasets give normalised there with
+    ``mean_std`` (MEAN, STD): the loader ships a quarter of the float32 bytes, and the arithmetic is
+    the per-sample one (:func:`datasets.normalize_images`)."""
+    if batch["image"].dtype != torch.uint8:
+        raise TypeError(f"batch['image'] must hold uint8 letterboxed images (what the datasets give), got "
+                        f"{batch['image'].dtype}")
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out["image"] = normalize_images(out["image"], *mean_std)
     if channels_last:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
@@ -97,12 +105,13 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
 
 
 def prepare_batch(model: nn.Module, batch: dict, device: torch.device, channels_last: bool = False,
-                  cache: DetectorCache | None = None, amp: str = "none") -> dict:
-    """The batch on ``device``; with a cache, also the detector's outputs under ``'detections'``
-    (computed as the model's forward would, under the same autocast), for the model to skip its
-    detector. The image ids are read before the copy, so the lookup costs no device sync."""
+                  cache: DetectorCache | None = None, amp: str = "none", *,
+                  mean_std: tuple[Sequence[float], Sequence[float]]) -> dict:
+    """The batch on ``device`` (:func:`to_device`); with a cache, also the detector's outputs under
+    ``'detections'`` (computed as the model's forward would, under the same autocast), for the model
+    to skip its detector. The image ids are read before the copy, so the lookup costs no device sync."""
     image_ids = batch["info"][:, 6].tolist() if cache is not None else None
-    batch = to_device(batch, device, channels_last)
+    batch = to_device(batch, device, mean_std, channels_last)
     if cache is not None:
         with autocast(device, amp):
             batch["detections"] = cache(unwrap_model(model), batch["image"], image_ids)
@@ -393,22 +402,39 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
     return predictor
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
-             channels_last: bool = False, progress=None, predictor: Callable = model_boxes,
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
+             mean_std: tuple[Sequence[float], Sequence[float]], amp: str = "none", channels_last: bool = False,
+             progress=None, predictor: Callable = model_boxes,
              detector_cache: DetectorCache | None = None) -> dict[str, float]:
-    """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
-    counts are summed, so each sample is counted exactly once. ``predictor(model, batch, amp,
-    device)`` gives the boxes (default: the model's prediction)."""
+    """Acc@0.5 ``{"acc", "n"}`` of one predictor (default: the model's prediction), as
+    :func:`evaluate_predictors` computes it."""
+    return evaluate_predictors(model, loader, device, {"model": predictor}, mean_std, amp, channels_last,
+                               progress, detector_cache)["model"]
+
+
+@torch.no_grad()
+def evaluate_predictors(model: nn.Module, loader: Iterable[dict], device: torch.device,
+                        predictors: dict[str, Callable], mean_std: tuple[Sequence[float], Sequence[float]],
+                        amp: str = "none", channels_last: bool = False, progress=None,
+                        detector_cache: DetectorCache | None = None) -> dict[str, dict[str, float]]:
+    """Acc@0.5 over every sample of the loader, ``{name: {"acc", "n"}}`` for each of ``predictors``
+    (``predictor(model, batch, amp, device)`` gives the boxes), all from one pass. Under DDP each
+    rank scores its own shard and the counts are summed, so each sample is counted exactly once.
+
+    The detector runs once per image (an entry holds one expression, so an image recurs once per
+    expression): through ``detector_cache``, or one holding the latest batch's images, enough for
+    a loader in file order, where the entries of an image are next to each other."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    cache = detector_cache if detector_cache is not None else DetectorCache(0)
+    counts = torch.zeros(len(predictors), 2, dtype=torch.float64, device=device)  # correct, seen
     for batch in loader:
-        batch = prepare_batch(model, batch, device, channels_last, detector_cache, amp)
-        pred = predictor(model, batch, amp, device)
-        correct = hits(pred, batch["gt_box"])
-        counts[0] += correct.sum()
-        counts[1] += correct.numel()
+        batch = prepare_batch(model, batch, device, channels_last, cache, amp, mean_std=mean_std)
+        for row, predictor in enumerate(predictors.values()):
+            correct = hits(predictor(model, batch, amp, device), batch["gt_box"])
+            counts[row, 0] += correct.sum()
+            counts[row, 1] += correct.numel()
         if progress is not None:
             progress.update(1)
-    correct, n = dist_utils.all_reduce_sum(counts).tolist()
-    return {"acc": 100.0 * correct / max(n, 1), "n": int(n)}
+    counts = dist_utils.all_reduce_sum(counts).tolist()
+    return {name: {"acc": 100.0 * correct / max(n, 1), "n": int(n)}
+            for name, (correct, n) in zip(predictors, counts)}
