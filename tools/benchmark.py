@@ -257,10 +257,12 @@ def benchmark_loader(args: argparse.Namespace, device: torch.device) -> dict:
         sample = dataset[0]
         for i in range(8):  # warm-up: the page cache
             dataset[i % len(dataset)]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in range(LOADER_SAMPLES_ONE_WORKER):
             dataset[i % len(dataset)]
         per_worker = LOADER_SAMPLES_ONE_WORKER / (time.perf_counter() - start)
+        # Per CPU second: what a worker with a core of its own delivers, whatever else runs meanwhile.
+        per_worker_cpu = LOADER_SAMPLES_ONE_WORKER / (time.process_time() - cpu)
         loader = build_loader(cfg, dataset, train=True, batch_size=args.batch)
         batches = _endless(loader)
         start = time.perf_counter()
@@ -273,6 +275,7 @@ def benchmark_loader(args: argparse.Namespace, device: torch.device) -> dict:
         seconds = time.perf_counter() - start
         result = {"samples_per_s": round(args.loader_batches * args.batch / seconds, 3),
                   "samples_per_s_one_worker": round(per_worker, 1),
+                  "samples_per_cpu_s_one_worker": round(per_worker_cpu, 1),
                   "bytes_per_sample": sum(v.numel() * v.element_size() for v in sample.values() if torch.is_tensor(v)),
                   "image_bytes_per_sample": sample["image"].numel() * sample["image"].element_size(),
                   "first_batch_s": round(first, 3), "batches": args.loader_batches,

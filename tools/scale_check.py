@@ -7,8 +7,10 @@ them), timed, with its peak memory.
 The data (``datasets/refcoco_sized.py``: RefCOCO's images, objects and expressions per split times
 ``--fraction``, 640 x 480 JPEGs, a 10k-word Zipf vocabulary) is generated into ``--data`` (default:
 a temporary folder, deleted after). The model is the reduced synthetic one (``--config``) with
-random weights; nothing is learnt, only costs are measured. Stages, each with its wall time and
-the peak resident memory of this process and its loader workers (sampled every 20 ms):
+random weights; nothing is learnt, only costs are measured. Stages, each with its wall time, its
+CPU time (this process and its loader workers: on a shared machine the wall time measures the
+other processes too) and the peak proportional resident memory (PSS, sampled every 50 ms) of this
+process and its loader workers, whose pages shared with it count once:
 
 - ``datasets``: building the train and val datasets and the vocabulary;
 - ``word_vectors``: the embedding matrix of the full 10k-word vocabulary from GloVe 6B 50-d
@@ -47,7 +49,7 @@ from utils.ema import ModelEMA
 from utils.optim import Recipe, build_optimizer, build_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,44 +67,75 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and its descendants (0 for a process gone meanwhile)."""
+def _descendants(pid: int) -> list[int]:
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            total = int(f.read().split()[1]) * _PAGE
+        children = []
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as f:
-                total += sum(_rss(int(child)) for child in f.read().split())
-        return total
+                children += [int(child) for child in f.read().split()]
+        return children + [d for child in children for d in _descendants(child)]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _pss(pid: int) -> int:
+    """Proportional resident bytes: pages shared with the loader workers (forked) counted once overall."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        return 0
+
+
+def _cpu_ticks(pid: int, reaped: bool) -> int:
+    """User + system ticks of ``pid`` (its threads), and with ``reaped`` of its children that have ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15 if reaped else 13])
     except (FileNotFoundError, ProcessLookupError):
         return 0
 
 
+def memory_bytes() -> int:
+    """Proportional resident memory of this process and its descendants (the loader workers)."""
+    return sum(_pss(pid) for pid in [os.getpid(), *_descendants(os.getpid())])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its descendants, the ended ones included: unlike wall time, what
+    the work costs whatever else shares the machine."""
+    ticks = _cpu_ticks(os.getpid(), True) + sum(_cpu_ticks(pid, False) for pid in _descendants(os.getpid()))
+    return ticks / _TICKS
+
+
 class Stages:
-    """Each stage's wall time and peak resident memory (this process and its children)."""
+    """Each stage's wall time, CPU time and peak memory (proportional resident set: this process
+    and its loader workers)."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
     @contextmanager
     def stage(self, name: str, **details) -> Iterator[dict]:
-        peak, stop = [_rss(os.getpid())], threading.Event()
+        peak, stop = [memory_bytes()], threading.Event()
 
         def sample() -> None:
-            while not stop.wait(0.02):
-                peak[0] = max(peak[0], _rss(os.getpid()))
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], memory_bytes())
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         row = {"stage": name, **details}
         try:
             yield row
         finally:
             row["seconds"] = round(time.perf_counter() - start, 2)
+            row["cpu_seconds"] = round(cpu_seconds() - cpu, 2)
             stop.set()
             sampler.join()
-            row["peak_rss_mib"] = round(max(peak[0], _rss(os.getpid())) / 2**20, 1)
+            row["peak_mib"] = round(max(peak[0], memory_bytes()) / 2**20, 1)
             self.rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -196,12 +229,13 @@ def rehearse(args: argparse.Namespace, root: str) -> list[dict]:
 
 
 def format_table(rows: list[dict], fraction: float) -> str:
-    lines = [f"fraction {fraction}", f"{'stage':<36}{'seconds':>9}{'peak RSS MiB':>14}  details"]
+    lines = [f"fraction {fraction}", f"{'stage':<36}{'seconds':>9}{'CPU s':>9}{'peak MiB':>10}  details"]
     for row in rows:
-        details = {k: v for k, v in row.items() if k not in ("stage", "seconds", "peak_rss_mib")}
-        seconds = f"{row['seconds']:.2f}" if "seconds" in row else "-"
-        rss = f"{row['peak_rss_mib']:.0f}" if "peak_rss_mib" in row else "-"
-        lines.append(f"{row['stage']:<36}{seconds:>9}{rss:>14}  " + ", ".join(f"{k} {v}" for k, v in details.items()))
+        details = {k: v for k, v in row.items() if k not in ("stage", "seconds", "cpu_seconds", "peak_mib")}
+        figures = [f"{row[k]:.2f}" if k in row else "-" for k in ("seconds", "cpu_seconds")]
+        peak = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "-"
+        lines.append(f"{row['stage']:<36}{figures[0]:>9}{figures[1]:>9}{peak:>10}  "
+                     + ", ".join(f"{k} {v}" for k, v in details.items()))
     return "\n".join(lines)
 
 
