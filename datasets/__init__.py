@@ -10,7 +10,8 @@ from .word_vectors import load_word_vectors
 
 __all__ = [
     "CLS", "DataError", "EntryExpressions", "EpochSampler", "FirstExpression", "PAD", "RefDataset", "SPECIAL_TOKENS",
-    "ShardSampler", "UNK", "box_to_yolo", "build_loader", "chw", "build_vocab", "check_training_file", "clip_to_image", "encode",
+    "ShardSampler", "UNK", "box_to_yolo", "build_loader", "build_vocab", "check_training_file", "chw", "clip_to_image",
+    "encode",
     "image_file_name", "letterbox_geometry", "letterbox_image", "letterbox_to_original", "load_annotations",
     "load_word_vectors", "normalize_images", "original_to_letterbox", "select_expressions", "tokenize",
 ]

@@ -34,9 +34,9 @@ def excluded_image_ids(rec_ann_paths: Iterable[str]) -> set[int]:
 class DetectionDataset(Dataset):
     """Letterboxed images of a COCO detection file with their boxes.
 
-    An item: ``image`` uint8 [3,S,S] (normalised on the device: ``normalize_images``), ``boxes`` [N,4] x1,y1,x2,y2 in letterboxed pixels,
-    ``labels`` [N] class indices, ``info`` [7] (h, w, nh, nw, dx, dy, image id) for mapping boxes
-    back. Crowd and empty boxes are left out. A key is an index, or ``(index, draw_key)`` as
+    An item: ``image`` uint8 [3,S,S] (normalised on the device: ``normalize_images``), ``boxes``
+    [N,4] x1,y1,x2,y2 in letterboxed pixels, ``labels`` [N] class indices, ``info`` [7] (h, w, nh, nw,
+    dx, dy, image id) for mapping boxes back. Crowd and empty boxes are left out. A key is an index, or ``(index, draw_key)`` as
     ``EpochSampler`` gives them: the flip is then drawn from ``draw_key`` (repeatable).
     """
 
