@@ -131,8 +131,8 @@ class Stages:
         try:
             yield row
         finally:
-            row["seconds"] = round(time.perf_counter() - start, 2)
-            row["cpu_seconds"] = round(cpu_seconds() - cpu, 2)
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            row["cpu_seconds"] = round(cpu_seconds() - cpu, 3)
             stop.set()
             sampler.join()
             row["peak_mib"] = round(max(peak[0], memory_bytes()) / 2**20, 1)
