@@ -26,7 +26,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets import build_loader
+from datasets import build_loader, normalize_images
 from datasets.detection import build_detection_datasets, collate_detections
 from models.detection_loss import detection_loss
 from models.detector import YOLOv3
@@ -111,8 +111,9 @@ def pretrain(args: argparse.Namespace, cfg: Config, device: torch.device) -> int
     logger = MetricLogger(cfg.PRINT_FREQ, os.path.join(cfg.DET_LOG_PATH, "tensorboard"), log.info, tag="pretrain")
 
     def losses(batch: dict) -> dict[str, torch.Tensor]:
+        images = normalize_images(batch["image"].to(device, non_blocking=True), cfg.MEAN, cfg.STD)
         with autocast(device, cfg.AMP):
-            _, raw = train_model(batch["image"].to(device, non_blocking=True), decode=False)
+            _, raw = train_model(images, decode=False)
         return detection_loss(model, raw, batch["targets"], cfg.DET_IGNORE_IOU, cfg.DET_CLS_WEIGHT)
 
     start = time.perf_counter()

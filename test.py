@@ -35,8 +35,8 @@ from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import Config, ConfigError
-from utils.engine import to_device
-from utils.evaluation import BASELINES, entry_boxes, evaluate, hits, model_boxes, text_blind_predictor
+from utils.engine import prepare_batch
+from utils.evaluation import BASELINES, entry_boxes, evaluate_predictors, hits, model_boxes, text_blind_predictor
 from utils.logger import setup_logger
 from utils.paths import make_folder, prepare_output_file
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
@@ -84,8 +84,10 @@ def pseudo_label_boxes(model, dataset: RefDataset, cfg: Config,
     boxes_of = entry_boxes if every else model_boxes
     loader = DataLoader(items, batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
     boxes, agree = np.zeros((len(dataset), 4)), np.zeros(len(dataset), dtype=bool)
+    # In file order the entries of an image are next to each other: the detector runs once per image.
+    cache = DetectorCache(0)
     for batch in tqdm(loader, desc="pseudo-labels", disable=not dist_utils.is_main(), leave=False):
-        batch = to_device(batch, device, cfg.CHANNELS_LAST)
+        batch = prepare_batch(model, batch, device, cfg.CHANNELS_LAST, cache, cfg.AMP, mean_std=(cfg.MEAN, cfg.STD))
         pred = clip_to_image(boxes_of(model, batch, cfg.AMP, device), batch["info"])
         index = batch["index"].cpu().numpy()
         boxes[index] = pred.cpu().numpy()
@@ -136,7 +138,7 @@ def visualize(model, dataset: RefDataset, cfg: Config, device: torch.device, cou
     """Draws ``count`` entries of ``dataset``, sampled across its images (seeded by SEED), into
     ``folder``: one PNG each, then all of them in ``contact_sheet.png``; returns the paths."""
     indices = sample_across_images([entry["iid"] for entry in dataset.entries], count, cfg.SEED)
-    samples = evaluate_samples(model, dataset, indices, device, cfg.AMP, cfg.BATCH_SIZE)
+    samples = evaluate_samples(model, dataset, indices, device, (cfg.MEAN, cfg.STD), cfg.AMP, cfg.BATCH_SIZE)
     if not samples:
         return []
     os.makedirs(folder, exist_ok=True)
@@ -192,13 +194,13 @@ def main(args: argparse.Namespace) -> int:
         results, baselines = {}, {kind: {} for kind in (BASELINES if args.baselines else ())}
         for split, dataset in datasets.items():
             loader = build_loader(cfg, dataset, train=False, distributed=distributed)
-            # An image recurs once per expression, and once more per baseline.
-            cache = DetectorCache() if cfg.CACHE_DETECTOR else None
-            results[split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST, detector_cache=cache)
+            # The model and the baselines score each batch in one pass: one detector run per image.
+            predictors = {"model": model_boxes, **{kind: text_blind_predictor(kind, cfg.SEED) for kind in baselines}}
+            scores = evaluate_predictors(model, loader, device, predictors, (cfg.MEAN, cfg.STD), cfg.AMP,
+                                         cfg.CHANNELS_LAST)
+            results[split] = scores["model"]
             for kind in baselines:
-                baselines[kind][split] = evaluate(model, loader, device, cfg.AMP, cfg.CHANNELS_LAST,
-                                                  predictor=text_blind_predictor(kind, cfg.SEED),
-                                                  detector_cache=cache)
+                baselines[kind][split] = scores[kind]
         if baselines:
             results["baselines"] = baselines
         if is_main:

@@ -113,21 +113,24 @@ def train(args: argparse.Namespace, cfg: Config, device: torch.device, ckpt: dic
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.COMPILE:
         train_model = torch.compile(train_model)
-    detector_cache = DetectorCache() if cfg.CACHE_DETECTOR else None
+    detector_cache = DetectorCache(cfg.CACHE_DETECTOR_MAX_MB) if cfg.CACHE_DETECTOR else None
     logger = MetricLogger(cfg.PRINT_FREQ, os.path.join(cfg.LOG_PATH, "tensorboard"), log.info)
     vis_indices = sample_across_images([entry["iid"] for entry in val_set.entries], cfg.VIS_SAMPLES, cfg.SEED)
 
     def losses(batch: dict) -> dict[str, torch.Tensor]:
-        batch = prepare_batch(train_model, batch, device, cfg.CHANNELS_LAST, detector_cache, cfg.AMP)
+        batch = prepare_batch(train_model, batch, device, cfg.CHANNELS_LAST, detector_cache, cfg.AMP,
+                              mean_std=(cfg.MEAN, cfg.STD))
         return rec_losses(train_model, batch, cfg.AMP, device)
 
     def validate(eval_model: torch.nn.Module) -> float:
-        result = evaluate(eval_model, val_loader, device, cfg.AMP, cfg.CHANNELS_LAST, detector_cache=detector_cache)
+        result = evaluate(eval_model, val_loader, device, (cfg.MEAN, cfg.STD), cfg.AMP, cfg.CHANNELS_LAST,
+                          detector_cache=detector_cache)
         log.info("epoch %d: %s Acc@0.5 %.2f (n=%d)", state.epoch, cfg.VAL_SPLIT, result["acc"], result["n"])
         # At the global step, so that accuracy and losses share one axis.
         logger.scalar(f"val/{cfg.VAL_SPLIT}_acc", result["acc"], state.step)
         if vis_indices and dist_utils.is_main():
-            sheet = evaluation_sheet(evaluate_samples(eval_model, val_set, vis_indices, device, cfg.AMP))
+            sheet = evaluation_sheet(evaluate_samples(eval_model, val_set, vis_indices, device, (cfg.MEAN, cfg.STD),
+                                                      cfg.AMP))
             logger.image(f"val/{cfg.VAL_SPLIT}_predictions", sheet[..., ::-1].copy(), state.step)
         return result["acc"]
 

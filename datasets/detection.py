@@ -21,7 +21,7 @@ from utils.text_io import read_text
 
 from .annotations import DataError, load_annotations
 from .image_io import read_image
-from .letterbox import letterbox_image, normalize
+from .letterbox import chw, letterbox_image
 
 
 def excluded_image_ids(rec_ann_paths: Iterable[str]) -> set[int]:
@@ -37,9 +37,9 @@ def excluded_image_ids(rec_ann_paths: Iterable[str]) -> set[int]:
 class DetectionDataset(Dataset):
     """Letterboxed images of a COCO detection file with their boxes.
 
-    An item: ``image`` [3,S,S] (normalised), ``boxes`` [N,4] x1,y1,x2,y2 in letterboxed pixels,
-    ``labels`` [N] class indices, ``info`` [7] (h, w, nh, nw, dx, dy, image id) for mapping boxes
-    back. Crowd and empty boxes are left out. A key is an index, or ``(index, draw_key)`` as
+    An item: ``image`` uint8 [3,S,S] (normalised on the device: ``normalize_images``), ``boxes``
+    [N,4] x1,y1,x2,y2 in letterboxed pixels, ``labels`` [N] class indices, ``info`` [7] (h, w, nh, nw,
+    dx, dy, image id) for mapping boxes back. Crowd and empty boxes are left out. A key is an index, or ``(index, draw_key)`` as
     ``EpochSampler`` gives them: the flip is then drawn from ``draw_key`` (repeatable).
     """
 
@@ -52,7 +52,6 @@ class DetectionDataset(Dataset):
             raise DataError(f"detection annotation file {ann_path} is not valid JSON: {err}") from None
         self.image_dir = image_dir
         self.size = cfg.INPUT_SHAPE[0]
-        self.mean, self.std = cfg.MEAN, cfg.STD
         self.flip = flip
         self.category_ids = sorted(c["id"] for c in coco["categories"])
         label_of = {cid: i for i, cid in enumerate(self.category_ids)}
@@ -94,7 +93,7 @@ class DetectionDataset(Dataset):
         if flip:
             square = np.ascontiguousarray(square[:, ::-1])
             boxes[:, 0::2] = self.size - boxes[:, [2, 0]]
-        return {"image": normalize(square, self.mean, self.std), "boxes": boxes, "labels": labels,
+        return {"image": chw(square), "boxes": boxes, "labels": labels,
                 "info": torch.tensor([h, w, nh, nw, dx, dy, iid], dtype=torch.float64)}
 
 

@@ -7,6 +7,8 @@ padding on the left and top. Evaluation maps predicted boxes back with
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import cv2
 import numpy as np
 import torch
@@ -43,13 +45,18 @@ def letterbox_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int
     return square, (h, w, nh, nw, dx, dy)
 
 
-def normalize(square: np.ndarray, mean, std) -> torch.Tensor:
-    """A letterboxed RGB uint8 image ``[S, S, 3]`` -> float32 ``[3, S, S]``, scaled to [0, 1] and
-    normalised per channel with ``mean`` and ``std`` (MEAN, STD)."""
-    image = torch.from_numpy(square).permute(2, 0, 1).contiguous().float().div(255)
-    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (image - mean) / std
+def chw(square: np.ndarray) -> torch.Tensor:
+    """A letterboxed RGB uint8 image ``[S, S, 3]`` -> uint8 ``[3, S, S]``: what the datasets return, a
+    quarter of the float32 image's bytes; :func:`normalize_images` finishes it on the device."""
+    return torch.from_numpy(square).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``[..., 3, S, S]`` -> float32, scaled to [0, 1] and normalised per channel with ``mean``
+    and ``std`` (MEAN, STD), on the images' device."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.float().div(255) - mean) / std
 
 
 def box_to_yolo(box_xywh: np.ndarray, info, size: int) -> np.ndarray:

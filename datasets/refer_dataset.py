@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .annotations import DataError, describe_entry, image_file_name, load_annotations, select_splits
 from .image_io import read_image
-from .letterbox import box_to_yolo, letterbox_image, normalize
+from .letterbox import box_to_yolo, chw, letterbox_image
 from .tokens import build_vocab, encode, encode_many, select_expressions, tokenize
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,8 @@ class RefDataset(Dataset):
 
     - ``refs``: int64 ``[NUM_REFS, MAX_TOKEN]``, the primary expression (drawn
       at random) first, see ``sample_refs``;
-    - ``image``: float32 ``[3, S, S]``, letterboxed RGB scaled to [0, 1] and
-      normalised with ``MEAN`` / ``STD``;
+    - ``image``: uint8 ``[3, S, S]``, letterboxed RGB; the engine normalises it with ``MEAN`` /
+      ``STD`` on the device (``datasets.normalize_images``), so workers ship a quarter of the bytes;
     - ``box``: float32 ``[1, 4]``, the box as letterboxed ``cx, cy, w, h`` / S, clipped to [0, 0.99];
     - ``gt_box``: float32 ``[1, 4]``, the annotation's ``x, y, w, h`` in original pixels;
     - ``info``: int64 ``[7]``, ``(h, w, nh, nw, dx, dy, iid)``.
@@ -44,7 +44,6 @@ class RefDataset(Dataset):
         self.image_dir = cfg.image_path
         self.input_size = cfg.INPUT_SHAPE[0]
         self.num_refs = cfg.NUM_REFS
-        self.mean, self.std = cfg.MEAN, cfg.STD
 
         data = load_annotations(self.ann_path, self.dataset_name)
         selected = select_splits(data, split, self.ann_path)
@@ -139,7 +138,7 @@ class RefDataset(Dataset):
         gt_box = np.array([entry["bbox"]], dtype=np.float64)
         return {
             "refs": torch.from_numpy(self.sample_refs(index, primary)),
-            "image": normalize(square, self.mean, self.std),
+            "image": chw(square),
             "box": torch.from_numpy(box_to_yolo(gt_box, info, self.input_size)).float(),
             "gt_box": torch.from_numpy(gt_box).float(),
             "info": torch.tensor(info, dtype=torch.int64),

@@ -14,6 +14,7 @@ from models.loss import rec_loss
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
 from utils.config import ConfigError, load_config
 from utils.ema import ModelEMA
+from utils.engine import to_device
 
 VOCAB = ["PAD", "UNK", "CLS", "the", "red", "gray", "blue", "square", "traffic", "light", "one"]
 PROMPTS = ["APL_POSITION_PROMPT=true", "APL_COLOUR_PROMPT=true", "APL_CATEGORY_PROMPT=true"]
@@ -158,7 +159,7 @@ def _tiny_batch(tmp_path, cfg_extra=()):
         "DETECTOR_CLASS_NAMES=[red square, blue square]", *cfg_extra])
     dataset = RefDataset(cfg, "train")
     batch = next(iter(build_loader(cfg, dataset, train=False, batch_size=8)))
-    return cfg, dataset.vocab, batch
+    return cfg, dataset.vocab, to_device(batch, torch.device("cpu"), (cfg.MEAN, cfg.STD))
 
 
 def test_each_apl_loss_falls_on_a_tiny_dataset(tmp_path):

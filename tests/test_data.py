@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 
 from datasets import (DataError, EpochSampler, RefDataset, ShardSampler, box_to_yolo, build_loader, clip_to_image,
-                      letterbox_geometry, letterbox_image, letterbox_to_original, original_to_letterbox,
-                      select_expressions, tokenize)
+                      letterbox_geometry, letterbox_image, letterbox_to_original, normalize_images,
+                      original_to_letterbox, select_expressions, tokenize)
 from reference_weights import FIXTURES as ALL_FIXTURES
 from utils.config import load_config
+from utils.engine import to_device
 
 FIXTURES = os.path.join(ALL_FIXTURES, "data")
 with open(os.path.join(FIXTURES, "expected.json")) as _f:
@@ -85,8 +86,9 @@ def test_items_match_reference(fixture_datasets, split, index):
     assert item["gt_box"].dtype == torch.float32
     assert item["gt_box"].tolist() == EXPECTED[f"{key}/gt_box"]
     assert item["info"].tolist() == EXPECTED[f"{key}/info"]
-    image = item["image"]
-    assert image.dtype == torch.float32 and image.shape == (3, 416, 416) and image.is_contiguous()
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 416, 416)
+    image = normalize_images(item["image"], [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert image.dtype == torch.float32 and image.is_contiguous()
     # JPEG decoders may differ by one level in a few pixels, hence the tolerance.
     assert image.mean().item() == pytest.approx(EXPECTED[f"{key}/image_tensor_mean"], abs=2e-3)
     assert image.std().item() == pytest.approx(EXPECTED[f"{key}/image_tensor_std"], abs=2e-3)
@@ -102,12 +104,23 @@ def test_letterboxed_pixels_match_reference(fixture_datasets, split, index):
     assert list(info) == EXPECTED[f"{split}/{index}/info"]
 
 
-def test_image_normalisation_uses_config_mean_and_std(fixture_datasets):
+def test_batch_normalised_on_the_device_equals_the_per_sample_normalisation(fixture_datasets):
+    """The loader ships uint8 images and the engine normalises the batch: bit for bit what the
+    datasets returned before, each sample normalised alone (that arithmetic is spelled out here)."""
     dataset = fixture_datasets["train"]
-    square, _ = dataset.letterboxed(0)
-    rgb = torch.from_numpy(square).permute(2, 0, 1).float() / 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    torch.testing.assert_close(dataset[0]["image"], (rgb - mean[:, None, None]) / std[:, None, None])
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = {"image": torch.stack([item["image"] for item in items]), "info": torch.stack([i["info"] for i in items])}
+    normalised = to_device(batch, torch.device("cpu"), (mean, std))["image"]
+    per_sample = []
+    for i in range(len(dataset)):
+        square, _ = dataset.letterboxed(i)
+        image = torch.from_numpy(square).permute(2, 0, 1).contiguous().float().div(255)
+        per_sample.append((image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+    assert batch["image"].dtype == torch.uint8
+    assert torch.equal(normalised, torch.stack(per_sample))
+    with pytest.raises(TypeError, match="uint8 letterboxed images"):
+        to_device({"image": normalised}, torch.device("cpu"), (mean, std))
 
 
 # --- tokens and the expressions of a sample ----------------------------------------------------

@@ -13,6 +13,7 @@ import predict
 from datasets import DataError, EntryExpressions, FirstExpression, RefDataset
 from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
 from utils.config import ConfigError
+from utils.engine import to_device
 from utils.evaluation import entry_boxes, model_boxes as evaluation_predict
 from utils.predictor import Predictor, vocabulary_warnings
 from utils.visualize import (CORRECT, GROUND_TRUTH, WRONG, contact_sheet, draw_box, draw_evaluation,
@@ -56,6 +57,7 @@ def test_boxes_match_evaluation_and_do_not_depend_on_the_batch(predictor, traine
     cfg = predictor.cfg
     dataset = RefDataset(cfg, "val")
     batch = torch.utils.data.default_collate([FirstExpression(dataset)[i] for i in range(len(dataset))])
+    batch = to_device(batch, torch.device("cpu"), (cfg.MEAN, cfg.STD))
     expected = evaluation_predict(predictor.model, batch, "none", torch.device("cpu"))
     expected = torch.cat([clip_boxes_to_image(box[None], (h, w))  # torchvision's, per image
                           for box, (h, w) in zip(expected, batch["info"][:, :2].tolist())])
@@ -71,7 +73,8 @@ def test_pseudo_labels_from_all_expressions_of_an_entry(predictor):
     for i, entry in enumerate(dataset.entries):  # one, two or three expressions per entry
         entry["refs"] = entry["refs"][:1 + i % 3]
     items = EntryExpressions(dataset)
-    batch = torch.utils.data.default_collate([items[i] for i in range(len(dataset))])
+    batch = to_device(torch.utils.data.default_collate([items[i] for i in range(len(dataset))]), torch.device("cpu"),
+                      (predictor.cfg.MEAN, predictor.cfg.STD))
     counts = [1 + i % 3 for i in range(len(dataset))]
     assert batch["count"].tolist() == counts and batch["refs"].shape[1] == items.width == 3
     for row, count in enumerate(counts):  # the rows past an entry's own repeat its first

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pretrain
-from datasets import load_annotations
+from datasets import load_annotations, normalize_images
 from datasets.detection import build_detection_datasets, collate_detections, excluded_image_ids
 from datasets.synthetic import generate
 from models import build_model
@@ -16,6 +16,10 @@ from utils.checkpoint import load_pretrained_backbone
 from utils.config import load_config
 from utils.metrics import average_precision
 
+
+def _normalised(batch: dict, cfg) -> dict:
+    """A collated batch with its uint8 images normalised as pretrain.py does on the device."""
+    return dict(batch, image=normalize_images(batch["image"], cfg.MEAN, cfg.STD))
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +110,7 @@ def test_loss_decreases_on_a_fixed_batch(data):
     torch.manual_seed(0)
     cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
     train_set, _ = build_detection_datasets(cfg)
-    batch = collate_detections([train_set[i] for i in range(4)])
+    batch = _normalised(collate_detections([train_set[i] for i in range(4)]), cfg)
     model = pretrain.build_detector(cfg)
     optimizer = torch.optim.Adam(model.parameters(), 2e-3)
     losses = []
@@ -124,7 +128,7 @@ def test_loss_decreases_on_a_fixed_batch(data):
 def test_class_term_follows_its_weight_and_starts_at_the_prior(data):
     cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
     train_set, _ = build_detection_datasets(cfg)
-    batch = collate_detections([train_set[i] for i in range(2)])
+    batch = _normalised(collate_detections([train_set[i] for i in range(2)]), cfg)
     model = pretrain.build_detector(cfg)
     _, outputs = model(batch["image"])
     scores = torch.cat([o[..., 4:].flatten(0, -2) for o in outputs])
@@ -168,7 +172,7 @@ def test_batched_loss_sums_the_losses_of_its_images(data):
     batch is the sum of the terms of its images computed alone, an image without boxes included."""
     cfg = load_config("config/synthetic/quickstart.yaml", _overrides(data, "unused") + ["DET_FLIP=false"])
     train_set, _ = build_detection_datasets(cfg)
-    batch = collate_detections([train_set[i] for i in range(4)])
+    batch = _normalised(collate_detections([train_set[i] for i in range(4)]), cfg)
     targets = batch["targets"][batch["targets"][:, 0] != 2]  # image 2 without boxes
     model = pretrain.build_detector(cfg)
     with torch.no_grad():

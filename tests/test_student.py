@@ -14,7 +14,7 @@ from test_pipeline import overrides, run, tiny, weights  # noqa: F401  (the modu
 from tiny_data import make_tiny_dataset
 from utils.checkpoint import load_matching
 from utils.config import ConfigError, load_config
-from utils.engine import train_step
+from utils.engine import to_device, train_step
 from utils.evaluation import evaluate, gt_xyxy
 from utils.optim import Recipe, build_optimizer, build_scheduler
 
@@ -108,11 +108,11 @@ def test_student_learns_to_box_the_named_square(tmp_path, tiny_overrides):
         loader.sampler.set_epoch(epoch)
         model.train()
         for batch in loader:
-            parts = train_step(model, batch, optimizer, scheduler, None, None, cfg.GRAD_NORM_CLIP, "none",
-                               torch.device("cpu"))
+            parts = train_step(model, to_device(batch, torch.device("cpu"), (cfg.MEAN, cfg.STD)), optimizer,
+                               scheduler, None, None, cfg.GRAD_NORM_CLIP, "none", torch.device("cpu"))
             losses.append(float(parts["loss"]))
     assert sum(losses[-10:]) < 0.4 * sum(losses[:10])
-    accuracy = evaluate(model, build_loader(cfg, dataset, train=False), torch.device("cpu"))
+    accuracy = evaluate(model, build_loader(cfg, dataset, train=False), torch.device("cpu"), (cfg.MEAN, cfg.STD))
     ceiling = _text_blind_ceiling(dataset)
     assert ceiling <= 60, "the tiny data should hold two disjoint squares per training image"
     assert accuracy["n"] == len(dataset) and accuracy["acc"] >= ceiling + 20

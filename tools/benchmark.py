@@ -3,12 +3,14 @@ against the frozen detector's forward, the floor under every step.
 
     python -m tools.benchmark [--device cpu|cuda] [--batch N] [--size 416] [--amp none|bf16|fp16]
                               [--channels-last] [--compile] [--runs 7] [--workers N]
-                              [--compare config/refclip/refcoco.yaml,config/apl/refcoco.yaml] [KEY=VALUE ...]
+                              [--compare config/refclip/refcoco.yaml,config/apl/refcoco.yaml] [--loader-only]
+                              [KEY=VALUE ...]
 
 The model is the refcoco one (``--config``, KEY=VALUE overrides as in train.py) with random
 weights, fed random images and random token ids; ``--compare`` times other configs' models the
-same way (RefCLIP, APL) and reports their ratios next to it. The loader part reads the synthetic
-dataset (``datasets/synthetic.py``), generated in a temporary folder. One JSON object is printed.
+same way (RefCLIP, APL) and reports their ratios next to it. The loader part reads COCO-sized
+stand-in data generated in a temporary folder. One JSON object is printed; ``--loader-only`` times
+the loader alone.
 
 What is timed, each after warm-up, as the median over ``--runs`` rounds:
 
@@ -21,8 +23,10 @@ What is timed, each after warm-up, as the median over ``--runs`` rounds:
 - ``train_step``: ``utils.engine.train_step``: forward, backward, gradient clipping, the
   optimizer train.py builds, the per-step scheduler and the EMA update.
 - ``eval_forward``: the model's evaluation forward (boxes from the first expression).
-- ``loader``: batches from ``build_loader`` over the synthetic training split (on CUDA, copied
-  to the device as training does), with ``--workers`` processes.
+- ``loader``: the data loader alone on 640 x 480 JPEGs (``datasets/refcoco_sized.py``) at
+  ``--size``: one worker's rate (``samples_per_s_one_worker``, ``RefDataset.__getitem__`` in a
+  loop), batches from ``build_loader`` with ``--workers`` processes (on CUDA, copied to the device as
+  training does), and the bytes a sample ships (uint8 images: normalised on the device).
 
 The timings of one round are taken back to back, so the ratios (``train_step_over_backbone``,
 ``eval_over_backbone`` and the ``_trunk`` ones) are medians of per-round ratios: on a shared
@@ -53,6 +57,9 @@ from utils.engine import autocast, train_step
 from utils.optim import Recipe, build_optimizer, build_scheduler
 
 VOCAB_SIZE = 2000
+# The loader part reads 85 COCO-sized images (212 training entries) of RefCOCO-sized stand-in data.
+LOADER_FRACTION = 0.005
+LOADER_SAMPLES_ONE_WORKER = 200
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -70,6 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: NUM_WORKER)")
     parser.add_argument("--loader-batches", type=int, default=30,
                         help="batches timed in the loader part (0 skips it)")
+    parser.add_argument("--loader-only", action="store_true", help="time the data loader alone")
     parser.add_argument("--config", default=os.path.join(ROOT, "config", "refcoco.yaml"))
     parser.add_argument("--compare", default="",
                         help="comma-separated configs timed the same way after --config, each reported by "
@@ -234,21 +242,27 @@ def _synthetic_config(args: argparse.Namespace, paths: dict) -> Config:
 
 
 def benchmark_loader(args: argparse.Namespace, device: torch.device) -> dict:
-    """Samples per second out of the training loader on the synthetic dataset."""
+    """The loader alone, on COCO-sized JPEGs (``datasets/refcoco_sized.py``): one worker's rate
+    (``__getitem__`` in a loop), then batches out of ``build_loader`` with ``--workers`` processes."""
     if args.loader_batches < 1:
         return {"skipped": "--loader-batches 0"}
-    try:
-        from datasets import RefDataset, build_loader
-        from datasets.synthetic import generate
-    except ImportError as err:
-        return {"skipped": f"the synthetic dataset or loader is not available ({err})"}
+    from datasets import RefDataset, build_loader
+    from datasets.refcoco_sized import IMAGE_SIZE, generate
     with tempfile.TemporaryDirectory(prefix="rec-bench-") as root:
-        paths = generate(root, num_images=600, image_size=256, seed=0)
+        paths = generate(root, LOADER_FRACTION, seed=0)
         cfg = _synthetic_config(args, paths)
         dataset = RefDataset(cfg, cfg.TRAIN_SPLIT)
         if len(dataset) < args.batch:
-            return {"skipped": f"the synthetic training split has {len(dataset)} samples, fewer than "
-                               f"one batch of {args.batch}"}
+            return {"skipped": f"the training split has {len(dataset)} samples, fewer than one batch of {args.batch}"}
+        sample = dataset[0]
+        for i in range(8):  # warm-up: the page cache
+            dataset[i % len(dataset)]
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in range(LOADER_SAMPLES_ONE_WORKER):
+            dataset[i % len(dataset)]
+        per_worker = LOADER_SAMPLES_ONE_WORKER / (time.perf_counter() - start)
+        # Per CPU second: what a worker with a core of its own delivers, whatever else runs meanwhile.
+        per_worker_cpu = LOADER_SAMPLES_ONE_WORKER / (time.process_time() - cpu)
         loader = build_loader(cfg, dataset, train=True, batch_size=args.batch)
         batches = _endless(loader)
         start = time.perf_counter()
@@ -260,9 +274,16 @@ def benchmark_loader(args: argparse.Namespace, device: torch.device) -> dict:
         _sync(device)
         seconds = time.perf_counter() - start
         result = {"samples_per_s": round(args.loader_batches * args.batch / seconds, 3),
+                  "samples_per_s_one_worker": round(per_worker, 1),
+                  "samples_per_cpu_s_one_worker": round(per_worker_cpu, 1),
+                  "bytes_per_sample": sum(v.numel() * v.element_size() for v in sample.values() if torch.is_tensor(v)),
+                  "image_bytes_per_sample": sample["image"].numel() * sample["image"].element_size(),
                   "first_batch_s": round(first, 3), "batches": args.loader_batches,
                   "workers": cfg.NUM_WORKER, "pin_memory": loader.pin_memory,
-                  "prefetch_factor": loader.prefetch_factor, "source_image_size": 256}
+                  "prefetch_factor": loader.prefetch_factor, "source_image_size": list(IMAGE_SIZE),
+                  "source_jpeg_kib": round(statistics.mean(
+                      os.path.getsize(os.path.join(paths["images"], name)) for name in os.listdir(paths["images"]))
+                      / 1024, 1)}
         # Stop the (persistent) workers before their image folder is deleted.
         batches.close()
         del batches, loader
@@ -300,8 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "warmup": args.warmup, "config": os.path.relpath(args.config, ROOT),
                      "overrides": args.overrides, "optimizer": cfg.OPT, "optimizer_params": cfg.OPT_PARAMS,
                      "torch": torch.__version__},
-        **benchmark_model(cfg, args, device),
     }
+    if args.loader_only:
+        result["loader"] = benchmark_loader(args, device)
+        print(json.dumps(result, indent=2))
+        return result
+    result.update(benchmark_model(cfg, args, device))
     result["compare"] = {}
     for path in filter(None, args.compare.split(",")):
         timed = benchmark_model(model_config(args, path), args, device)

@@ -26,11 +26,12 @@ from torchvision.ops import box_iou
 from datasets import RefDataset, build_loader, letterbox_to_original
 from datasets.synthetic import expression_kind
 from models.box_prediction import cell_box
+from models.detector_cache import DetectorCache
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import ConfigError
 from utils.distributed import local_device
-from utils.engine import to_device
+from utils.engine import prepare_batch
 from utils.evaluation import gt_xyxy, hits, model_boxes
 
 
@@ -56,8 +57,9 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
     counts = defaultdict(lambda: torch.zeros(3))  # samples, correct, reachable
     ranks_anchors = hasattr(model, "candidate_boxes")
     index = 0
+    cache = DetectorCache(0)  # the loader is in file order: one detector run per image
     for batch in build_loader(cfg, dataset, train=False):
-        batch = to_device(batch, device)
+        batch = prepare_batch(model, batch, device, cache=cache, amp=cfg.AMP, mean_std=(cfg.MEAN, cfg.STD))
         gt = gt_xyxy(batch["gt_box"])
         correct = hits(model_boxes(model, batch, cfg.AMP, device), batch["gt_box"])
         b = gt.shape[0]
@@ -74,7 +76,7 @@ def diagnose(model, dataset: RefDataset, cfg, device: torch.device) -> dict[str,
 
 def _reachable(model, batch: dict, gt: torch.Tensor) -> torch.Tensor:
     """``[B]``: whether any selected cell's most confident box overlaps the referent with IoU > 0.5."""
-    candidates = model.candidate_boxes(batch["image"]).float()  # [B, K, 4, 5+C]
+    candidates = model.candidate_boxes(batch["image"], batch["detections"]).float()  # [B, K, 4, 5+C]
     b, k = candidates.shape[:2]
     boxes = torch.stack([cell_box(candidates, torch.full((b,), cell, device=gt.device))[:, 0, :4]
                          for cell in range(k)], dim=1)  # [B, K, 4] letterboxed

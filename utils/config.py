@@ -140,8 +140,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "drawn in one contact sheet logged to TensorBoard at each validation; 0: none"),
         "CHANNELS_LAST": Key(False, "run convolutions in channels-last memory format (same results)"),
         "CACHE_DETECTOR": Key(False, "keep the frozen detector's outputs per image after its first pass and reuse "
-                              "them in later epochs and evaluation passes (same results; needs VIS_FREEZE and "
+                              "them in later epochs and evaluation passes (the same results up to float rounding, as the detector "
+                              "then runs in other batch sizes; needs VIS_FREEZE and "
                               "FREEZE_BACKBONE_BN; memory: ~130 KB per image at the synthetic size, 5 MB at 416)"),
+        "CACHE_DETECTOR_MAX_MB": Key(2048, "the most memory CACHE_DETECTOR's outputs take, in MB: past it the least "
+                                     "recently used images are dropped (and detected again when they recur)",
+                                     range=(0, None)),
         "COMPILE": Key(False, "wrap the model in torch.compile"),
     },
     "DETECTOR": {

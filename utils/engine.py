@@ -13,13 +13,14 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from datasets import normalize_images
 from models.detector_cache import DetectorCache
 
 from . import distributed as dist_utils
@@ -45,8 +46,16 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+def to_device(batch: dict, device: torch.device, mean_std: tuple[Sequence[float], Sequence[float]],
+              channels_last: bool = False) -> dict:
+    """The batch's tensors on ``device``, the uint8 images the datasets give normalised there with
+    ``mean_std`` (MEAN, STD): the loader ships a quarter of the float32 bytes, and the arithmetic is
+    the per-sample one (:func:`datasets.normalize_images`)."""
+    if batch["image"].dtype != torch.uint8:
+        raise TypeError(f"batch['image'] must hold uint8 letterboxed images (what the datasets give), got "
+                        f"{batch['image'].dtype}")
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out["image"] = normalize_images(out["image"], *mean_std)
     if channels_last:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
@@ -93,12 +102,13 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
 
 
 def prepare_batch(model: nn.Module, batch: dict, device: torch.device, channels_last: bool = False,
-                  cache: DetectorCache | None = None, amp: str = "none") -> dict:
-    """The batch on ``device``; with a cache, also the detector's outputs under ``'detections'``
-    (computed as the model's forward would, under the same autocast), for the model to skip its
-    detector. The image ids are read before the copy, so the lookup costs no device sync."""
+                  cache: DetectorCache | None = None, amp: str = "none", *,
+                  mean_std: tuple[Sequence[float], Sequence[float]]) -> dict:
+    """The batch on ``device`` (:func:`to_device`); with a cache, also the detector's outputs under
+    ``'detections'`` (computed as the model's forward would, under the same autocast), for the model
+    to skip its detector. The image ids are read before the copy, so the lookup costs no device sync."""
     image_ids = batch["info"][:, 6].tolist() if cache is not None else None
-    batch = to_device(batch, device, channels_last)
+    batch = to_device(batch, device, mean_std, channels_last)
     if cache is not None:
         with autocast(device, amp):
             batch["detections"] = cache(unwrap_model(model), batch["image"], image_ids)

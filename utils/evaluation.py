@@ -2,7 +2,7 @@
 text-blind reference predictors, and Acc@0.5 over a loader (summed across DDP ranks)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -84,22 +84,39 @@ def text_blind_predictor(kind: str, seed: int = 0) -> Callable:
     return predictor
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device, amp: str = "none",
-             channels_last: bool = False, progress=None, predictor: Callable = model_boxes,
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
+             mean_std: tuple[Sequence[float], Sequence[float]], amp: str = "none", channels_last: bool = False,
+             progress=None, predictor: Callable = model_boxes,
              detector_cache: DetectorCache | None = None) -> dict[str, float]:
-    """Acc@0.5 over every sample of the loader; under DDP each rank scores its own shard and the
-    counts are summed, so each sample is counted exactly once. ``predictor(model, batch, amp,
-    device)`` gives the boxes (default: the model's prediction)."""
+    """Acc@0.5 ``{"acc", "n"}`` of one predictor (default: the model's prediction), as
+    :func:`evaluate_predictors` computes it."""
+    return evaluate_predictors(model, loader, device, {"model": predictor}, mean_std, amp, channels_last,
+                               progress, detector_cache)["model"]
+
+
+@torch.no_grad()
+def evaluate_predictors(model: nn.Module, loader: Iterable[dict], device: torch.device,
+                        predictors: dict[str, Callable], mean_std: tuple[Sequence[float], Sequence[float]],
+                        amp: str = "none", channels_last: bool = False, progress=None,
+                        detector_cache: DetectorCache | None = None) -> dict[str, dict[str, float]]:
+    """Acc@0.5 over every sample of the loader, ``{name: {"acc", "n"}}`` for each of ``predictors``
+    (``predictor(model, batch, amp, device)`` gives the boxes), all from one pass. Under DDP each
+    rank scores its own shard and the counts are summed, so each sample is counted exactly once.
+
+    The detector runs once per image (an entry holds one expression, so an image recurs once per
+    expression): through ``detector_cache``, or one holding the latest batch's images, enough for
+    a loader in file order, where the entries of an image are next to each other."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    cache = detector_cache if detector_cache is not None else DetectorCache(0)
+    counts = torch.zeros(len(predictors), 2, dtype=torch.float64, device=device)  # correct, seen
     for batch in loader:
-        batch = prepare_batch(model, batch, device, channels_last, detector_cache, amp)
-        pred = predictor(model, batch, amp, device)
-        correct = hits(pred, batch["gt_box"])
-        counts[0] += correct.sum()
-        counts[1] += correct.numel()
+        batch = prepare_batch(model, batch, device, channels_last, cache, amp, mean_std=mean_std)
+        for row, predictor in enumerate(predictors.values()):
+            correct = hits(predictor(model, batch, amp, device), batch["gt_box"])
+            counts[row, 0] += correct.sum()
+            counts[row, 1] += correct.numel()
         if progress is not None:
             progress.update(1)
-    correct, n = dist_utils.all_reduce_sum(counts).tolist()
-    return {"acc": 100.0 * correct / max(n, 1), "n": int(n)}
+    counts = dist_utils.all_reduce_sum(counts).tolist()
+    return {name: {"acc": 100.0 * correct / max(n, 1), "n": int(n)}
+            for name, (correct, n) in zip(predictors, counts)}

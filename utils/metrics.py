@@ -14,7 +14,7 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
-from datasets import build_loader, letterbox_to_original
+from datasets import build_loader, letterbox_to_original, normalize_images
 from datasets.detection import DetectionDataset, collate_detections
 from models.detection_loss import cxcywh_to_xyxy
 from models.detector import YOLOv3
@@ -80,8 +80,9 @@ def evaluate_map(model: YOLOv3, dataset: DetectionDataset, cfg, device: torch.de
     detections: list[Detection] = []
     labels_of: list[int] = []
     for batch in tqdm(loader, desc="mAP", leave=False, disable=not dist_utils.is_main()):
+        images = normalize_images(batch["image"].to(device), cfg.MEAN, cfg.STD)
         with autocast(device, cfg.AMP):
-            results = detect(model, batch["image"].to(device), cfg.DET_SCORE_MIN, cfg.DET_NMS_IOU,
+            results = detect(model, images, cfg.DET_SCORE_MIN, cfg.DET_NMS_IOU,
                              cfg.DET_MAX_DETECTIONS)
         for info, (boxes, scores, labels) in zip(batch["info"], results):
             original = letterbox_to_original(boxes.cpu().double(), info[None].expand(len(boxes), 7))

@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import (DataError, clip_to_image, encode, letterbox_image, letterbox_to_original, normalize, read_image,
+from datasets import (DataError, chw, clip_to_image, encode, letterbox_image, letterbox_to_original, normalize_images,
+                      read_image,
                       tokenize)
 from .checkpoint import config_from_checkpoint, load_checkpoint, model_for_evaluation
 from .config import Config, load_config
@@ -141,11 +142,12 @@ class Predictor:
             if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
                 raise DataError(f"an image array must be BGR uint8 [H, W, 3], got {bgr.dtype} {list(bgr.shape)}")
             square, geometry = letterbox_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size)
-            squares.append(normalize(square, self.cfg.MEAN, self.cfg.STD))
+            squares.append(chw(square))
             infos.append(geometry + (0,))
         order = list(unique)
         inverse = torch.tensor([order.index(key) for key in keys], device=self.device)
-        pixels = torch.stack(squares).to(self.device)  # [U, 3, S, S], one per distinct image
+        # [U, 3, S, S], one per distinct image
+        pixels = normalize_images(torch.stack(squares).to(self.device), self.cfg.MEAN, self.cfg.STD)
         info = torch.tensor(infos, dtype=torch.float64, device=self.device)[inverse]  # [B, 7]
         refs = self._encode(expressions)  # [B, 1, T]
 

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.ops import box_iou
 
 from datasets import FirstExpression, RefDataset, read_image
-from .engine import to_device
+from models.detector_cache import DetectorCache
+from .engine import prepare_batch
 from .evaluation import gt_xyxy, model_boxes
 
 # BGR
@@ -199,13 +200,15 @@ class EvaluatedSample:
 
 
 def evaluate_samples(model: torch.nn.Module, dataset: RefDataset, indices: Sequence[int], device: torch.device,
-                     amp: str = "none", batch_size: int = 16) -> list[EvaluatedSample]:
+                     mean_std: tuple[Sequence[float], Sequence[float]], amp: str = "none",
+                     batch_size: int = 16) -> list[EvaluatedSample]:
     """Entries ``indices`` of ``dataset``, each predicted from its first expression, with the IoU
-    evaluation computes (unclipped boxes)."""
+    evaluation computes (unclipped boxes); the detector runs once per image."""
     model.eval()
     samples = []
+    cache = DetectorCache(0)
     for batch in DataLoader(Subset(FirstExpression(dataset), list(indices)), batch_size=batch_size):
-        batch = to_device(batch, device)
+        batch = prepare_batch(model, batch, device, cache=cache, amp=amp, mean_std=mean_std)
         preds = model_boxes(model, batch, amp, device)
         gts = gt_xyxy(batch["gt_box"])
         ious = box_iou(preds, gts).diagonal().tolist()
