@@ -281,7 +281,7 @@ def _recording(predictor, store: list):
 
 def test_detector_once_per_image_gives_the_per_entry_boxes_and_scores(tmp_path):
     paths = generate(str(tmp_path), num_images=30, image_size=96, seed=0, eval_images=3)
-    cfg = load_config("config/synthetic.yaml", [
+    cfg = load_config("config/synthetic/quickstart.yaml", [
         f"ANN_PATH={{synthetic: {paths['annotations']}}}", f"IMAGE_PATH={{synthetic: {paths['images']}}}",
         "USE_GLOVE=false", "PRETRAIN_WEIGHT=none", "INPUT_SHAPE=[128, 128]", "BATCH_SIZE=5", "NUM_WORKER=0",
         "DROPOUT_R=0.0"])
