@@ -96,8 +96,7 @@ def nearest_colour(colours: torch.Tensor, references: torch.Tensor) -> torch.Ten
 
 
 # The colour words APL's code has ids for (its colour_dict): 'maroon' and 'turquoise' are UNK there.
-APL_COLOUR_DICT_WORDS = ("blue", "gray", "green", "red", "yellow", "orange", "purple", "brown", "black", "white",
-                         "pink")
+APL_COLOUR_DICT_WORDS = tuple(word for word in APL_COLOURS if word not in ("maroon", "turquoise"))
 
 
 def word_ids(words: Sequence[str], vocab: Sequence[str]) -> list[int]:

@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from models.alignment import VisualAlignment, box_targets, write_anchors
 from models.apl import APL_COLOURS, AnchorPrompts, TextReconstruction, nearest_colour, region_mean_colours, unnormalize
@@ -182,16 +183,13 @@ def _check_training_outputs(head, raw, labels, out):
     assert torch.equal(positive, out["train_positives"])
     assert torch.equal(positive.sum(dim=1), out["train_num_fg"])
     assert not (positive & ~out["train_candidates"]).any()
-    iou = aligned_iou(_xyxy(head.boxes(raw)), _xyxy(target[:, None].expand(-1, raw.shape[1] * raw.shape[2], -1)))
+    iou = aligned_iou(box_convert(head.boxes(raw), "cxcywh", "xyxy"),
+                      box_convert(target[:, None].expand(-1, raw.shape[1] * raw.shape[2], -1), "cxcywh", "xyxy"))
     torch.testing.assert_close(iou[positive], out["train_matched_iou"], **tol)
     loss = head.loss(raw, labels[:, 0])
     torch.testing.assert_close(loss["iou"], out["train_loss_iou"], **tol)
     torch.testing.assert_close(loss["obj"], out["train_loss_obj"], **tol)
     torch.testing.assert_close(loss["loss"], out["train_loss"], **tol)
-
-
-def _xyxy(boxes):
-    return torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], dim=-1)
 
 
 def _check_eval_outputs(head, raw, out):
