@@ -11,8 +11,9 @@ it (``set_epoch(epoch, start_batch)``). Evaluation draws nothing that matters
 Distributed runs (``torch.distributed`` initialised):
 
 - training uses ``EpochSampler`` on every rank (see below), each rank taking
-  every world_size-th index of the shared permutation, the tail dropped so
-  that every rank has as many batches;
+  every world_size-th index of the shared permutation (with GROUP_BY_IMAGE,
+  every world_size-th batch of image groups), the tail dropped so that every
+  rank has as many batches;
 - evaluation uses ``ShardSampler``: each rank gets one contiguous slice, with
   no padding and no sample dropped, so counts (and accuracies gathered from
   the ranks) are exact; rank r's slice comes before rank r+1's.
@@ -20,7 +21,9 @@ Distributed runs (``torch.distributed`` initialised):
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections import deque
+from itertools import islice
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,30 +52,78 @@ class ShardSampler(Sampler[int]):
 class EpochSampler(Sampler[tuple[int, int]]):
     """Training order: a permutation seeded by (seed, epoch), this rank's share of it (every
     ``world_size``-th index, the tail dropped so ranks have equal counts), from ``start_batch``
-    on. Yields ``(index, draw_key)``; ``draw_key`` seeds the sample's own random choices."""
+    on. Yields ``(index, draw_key)``; ``draw_key`` seeds the sample's own random choices.
 
-    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    With ``groups`` (GROUP_BY_IMAGE: the indices of each image), the permutation is of the groups,
+    and they are packed into batches whole (:func:`pack_groups`); rank r takes batches r, r + W, ...
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 groups: Sequence[Sequence[int]] | None = None):
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
-        self.per_rank = length // world_size
+        self.groups = None if groups is None else [list(group) for group in groups]
+        self.per_rank = (length // (batch_size * world_size)) * batch_size if groups is not None \
+            else length // world_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def _order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        if self.groups is None:
+            return torch.randperm(self.length, generator=generator)[
+                self.rank:self.per_rank * self.world_size:self.world_size].tolist()
+        shuffled = [self.groups[g] for g in torch.randperm(len(self.groups), generator=generator).tolist()]
+        batches = pack_groups(shuffled, self.batch_size)
+        mine = batches[self.rank:(self.per_rank // self.batch_size) * self.world_size:self.world_size]
+        return [index for batch in mine for index in batch]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(
-            _mix(self.seed, self.epoch)))[self.rank:self.per_rank * self.world_size:self.world_size]
-        for index in order[self.start_batch * self.batch_size:].tolist():
+        for index in self._order()[self.start_batch * self.batch_size:]:
             yield index, _mix(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start_batch * self.batch_size)
 
 
+def pack_groups(groups: Sequence[list[int]], batch_size: int, look_ahead: int = 64) -> list[list[int]]:
+    """Batches of ``batch_size`` (the last one may be short) holding every index once, each group
+    whole where it can be: a batch takes the groups in order, and when the next does not fit the
+    room left, the first of the following ``look_ahead`` that does; when none does, the next group
+    fills the room and its rest opens the next batch. A group larger than a batch is split."""
+    pending = deque(groups)
+    batches, batch = [], []
+    while pending:
+        room = batch_size - len(batch)
+        pick = next((n for n, group in enumerate(islice(pending, look_ahead)) if len(group) <= room), None)
+        if pick is not None:
+            batch += pending[pick]
+            del pending[pick]
+        else:
+            group = pending.popleft()
+            batch += group[:room]
+            pending.appendleft(group[room:])
+        if len(batch) == batch_size:
+            batches.append(batch)
+            batch = []
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def _mix(*values: int) -> int:
     """A 63-bit seed from a tuple of integers (numpy's SeedSequence does the hashing)."""
     return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _image_groups(dataset: Dataset) -> list[list[int]]:
+    """The dataset's indices grouped by image id, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for index, entry in enumerate(dataset.entries):
+        groups.setdefault(entry["iid"], []).append(index)
+    return list(groups.values())
 
 
 def init_worker(worker_id: int) -> None:
@@ -110,7 +161,8 @@ def build_loader(cfg, dataset: Dataset, *, train: bool, batch_size: int | None =
     if train:
         if not len(dataset):
             raise DataError("the training split is empty; check TRAIN_SPLIT and the annotation file")
-        sampler = EpochSampler(len(dataset), batch_size, seed, rank, world_size)
+        groups = _image_groups(dataset) if cfg.GROUP_BY_IMAGE and hasattr(dataset, "entries") else None
+        sampler = EpochSampler(len(dataset), batch_size, seed, rank, world_size, groups)
         if len(sampler) < batch_size:
             raise DataError(f"the training data has {len(dataset)} samples, too few for one batch of "
                             f"{batch_size} per process; lower BATCH_SIZE (DET_BATCH_SIZE for the detector)")

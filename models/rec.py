@@ -14,16 +14,18 @@ from .cma import CrossModalityAttention
 from .detector import YOLOv3
 from .detector_cache import Detections
 from .fusion import MultiScaleFusion
+from .geometry import AnchorGeometry
 from .language_encoder import LanguageEncoder
 from .loss import own_image, rec_loss
 
 
 class REC(nn.Module):
-    """``forward(images [B,3,S,S], refs [B,E,T], detections=None)``; ``detections``, what
-    :meth:`detect` gives for ``images``, skips the detector (a :class:`DetectorCache` supplies them).
+    """``forward(images [B,3,S,S], refs [B,E,T], detections=None, image_ids=None)``; ``detections``,
+    what :meth:`detect` gives for ``images``, skips the detector (a :class:`DetectorCache` supplies
+    them); ``image_ids`` ``[B]`` tell the training loss which samples share an image (GROUP_BY_IMAGE).
 
-    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``; APL's ``recon``,
-    ``align``, ``align_iou``, ``align_obj``, ``align_l1``).
+    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``, ``referent``;
+    APL's ``recon``, ``align``, ``align_iou``, ``align_obj``, ``align_l1``).
     Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels, the
     best-ranked candidate (:meth:`rank`) for the first expression of each sample (with APL's
     alignment head and APL_ALIGN_PREDICT, the head's most confident box).
@@ -35,6 +37,8 @@ class REC(nn.Module):
         self.select_num = cfg.SELECT_NUM
         self.fns_weight = cfg.FNS_WEIGHT
         self.er_weight = cfg.ER_WEIGHT
+        self.referent_weight = cfg.REFERENT_WEIGHT
+        self.groups_by_image = cfg.GROUP_BY_IMAGE
         self.freeze_visual = cfg.VIS_FREEZE
         self.freeze_backbone_bn = cfg.FREEZE_BACKBONE_BN
         hidden = cfg.HIDDEN_SIZE
@@ -53,6 +57,7 @@ class REC(nn.Module):
         self.cma = (CrossModalityAttention(s32, hidden, cfg.DROPOUT_R, cfg.CMA_ATTENTION)
                     if cfg.USE_CMA else None)
         self.cma_pairwise = cfg.CMA_CONDITION == "query"
+        self.geometry = AnchorGeometry(hidden) if cfg.ANCHOR_GEOMETRY else None
         # APL (models/apl.py, models/alignment.py): prompts fused into the anchor embeddings, a
         # reconstruction loss, a box head trained on the model's own answers.
         self.prompts = None
@@ -79,7 +84,8 @@ class REC(nn.Module):
             self.visual_encoder.eval()
         return self
 
-    def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None):
+    def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: Detections | None = None,
+                image_ids: torch.Tensor | None = None):
         if self.alignment is not None:
             self.alignment.count_forward(self.training)
         if not self.training:
@@ -92,7 +98,8 @@ class REC(nn.Module):
             raise ValueError(f"training needs at least 2 samples per batch (got {images.shape[0]}): the "
                              "contrastive loss has no negatives otherwise; drop the last incomplete batch")
         embedded = self._embed(images, refs, detections, pairwise=self.cma_pairwise)
-        out = rec_loss(embedded.anchors, embedded.texts, self.fns_weight, self.er_weight)
+        out = rec_loss(embedded.anchors, embedded.texts, self.fns_weight, self.er_weight,
+                       image_ids if self.groups_by_image else None, self.referent_weight)
         if self.reconstruction is not None:
             out["recon"] = self.reconstruction(own_image(embedded.visual), embedded.texts)
             out["loss"] = out["loss"] + self.recon_weight * out["recon"]
@@ -141,6 +148,8 @@ class REC(nn.Module):
         else:
             anchors = self.anchor_proj(_gather_cells(top.flatten(2).transpose(1, 2), cells))
         anchor_boxes = _gather_cells(boxes, cells)
+        if self.geometry is not None:
+            anchors = anchors + self.geometry(cell_boxes(anchor_boxes), images.shape[-1])
         visual = anchors
         if self.prompts is not None:
             visual, anchors = self.prompts(anchors, images, anchor_boxes)

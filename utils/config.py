@@ -238,6 +238,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "time (B^2 conditioned copies of the anchors per step)", choices=("own", "query")),
         "FNS_WEIGHT": Key(0.1, "weight of the false-negative suppression loss (0 disables it)", range=(0, None)),
         "ER_WEIGHT": Key(0.1, "weight of the equivariant regularization loss (0 disables it)", range=(0, None)),
+        # Beyond the published methods (off by default, so they stay exact): docs/referents.md.
+        "GROUP_BY_IMAGE": Key(False, "training batches hold the entries of an image together (each entry is one "
+                              "referent), and the cross-image contrast no longer counts an image's other entries "
+                              "as other images (their anchors are the positive's own)"),
+        "REFERENT_WEIGHT": Key(0.0, "weight of the within-image referent contrast: expressions of two referents "
+                               "of one image that pick the same anchor pay the probability that both pick it "
+                               "(0 disables it; needs GROUP_BY_IMAGE)", range=(0, None)),
+        "ANCHOR_GEOMETRY": Key(False, "add to each anchor's embedding an MLP of its box's centre and size "
+                               "(as fractions of the input), which position and size words can read",
+                               changes_model=True),
         # The student's box head (ARCH: student, models/box_head.py).
         "BOX_HEAD_CHANNELS": Key(256, "student: width of the box head's convolutions (SimREC's 256)",
                                  range=(1, None), changes_model=True),
@@ -473,6 +483,11 @@ def _validate(values: dict[str, Any]) -> None:
     if values["APL_POSITION_PROMPT"] and values["HIDDEN_SIZE"] % 2:
         raise ConfigError(f"APL_POSITION_PROMPT needs an even HIDDEN_SIZE (half sine, half cosine), "
                           f"got {values['HIDDEN_SIZE']}")
+    if values["REFERENT_WEIGHT"] and not values["GROUP_BY_IMAGE"]:
+        raise ConfigError("REFERENT_WEIGHT needs GROUP_BY_IMAGE: true (the referents of an image meet in a batch "
+                          "only when its entries are batched together)")
+    if values["REFERENT_WEIGHT"] and values["ARCH"] == "student":
+        raise ConfigError("REFERENT_WEIGHT is a loss of the weak model (ARCH: weak); the student learns from boxes")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
         raise ConfigError(f"HIDDEN_SIZE ({values['HIDDEN_SIZE']}) must be divisible by "
                           f"MULTI_HEAD ({values['MULTI_HEAD']})")

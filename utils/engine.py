@@ -85,10 +85,14 @@ def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, sc
 
 def rec_losses(model: nn.Module, batch: dict, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
     """The REC model's training forward on a prepared batch: ``'loss'`` and its parts. A model that
-    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``."""
-    targets = {"targets": batch["box"]} if getattr(unwrap_model(model), "supervised", False) else {}
+    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``; one that declares
+    ``groups_by_image`` the image ids, ``image_ids``."""
+    net = unwrap_model(model)
+    extra = {"targets": batch["box"]} if getattr(net, "supervised", False) else {}
+    if getattr(net, "groups_by_image", False):
+        extra["image_ids"] = batch["info"][:, 6]
     with autocast(device, amp):
-        return model(batch["image"], batch["refs"], batch.get("detections"), **targets)
+        return model(batch["image"], batch["refs"], batch.get("detections"), **extra)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
