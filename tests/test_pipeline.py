@@ -123,14 +123,20 @@ def _epoch_of(path):
         return -1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
-def test_interrupted_run_resumes_to_identical_results(tiny, sig):
+# The last case batches an image's entries together (GROUP_BY_IMAGE) with the referent contrast and
+# the anchor geometry on: the grouped order must replay as exactly as the plain one.
+GROUPED = ("GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ANCHOR_GEOMETRY=true")
+
+
+@pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, ()), (signal.SIGINT, ()), (signal.SIGINT, GROUPED)],
+                         ids=["sigkill", "ctrl-c", "ctrl-c-grouped"])
+def test_interrupted_run_resumes_to_identical_results(tiny, sig, extra):
     root, _, _ = tiny
-    name = f"resume_{sig.name}"
-    reference = overrides(root, tiny, "EPOCHS=3", "PRINT_FREQ=1", logs=f"{name}_ref")
+    name = f"resume_{sig.name}{'_grouped' if extra else ''}"
+    reference = overrides(root, tiny, "EPOCHS=3", "PRINT_FREQ=1", *extra, logs=f"{name}_ref")
     run("train.py", "--config", "config/refcoco.yaml", *reference)
 
-    args = overrides(root, tiny, "EPOCHS=3", "PRINT_FREQ=1", logs=name)
+    args = overrides(root, tiny, "EPOCHS=3", "PRINT_FREQ=1", *extra, logs=name)
     last = root / name / "last.pth"
     if sig == signal.SIGKILL:
         code, output = _train_until(args, lambda: _epoch_of(last) == 1, sig)
