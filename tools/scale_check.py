@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.01, help="of RefCOCO's sizes (1: full size)")
     parser.add_argument("--data", default="", help="folder for the generated data (default: a temporary one)")
-    parser.add_argument("--config", default=os.path.join(ROOT, "config", "synthetic.yaml"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "config", "synthetic", "quickstart.yaml"))
     parser.add_argument("--workers", type=int, default=2, help="loader workers (NUM_WORKER)")
     parser.add_argument("--steps", type=int, default=10, help="training steps timed")
     parser.add_argument("--loader-batches", type=int, default=10, help="training batches the loader stage reads")
