@@ -221,10 +221,12 @@ def rehearse(args: argparse.Namespace, root: str) -> list[dict]:
         row["detector_images"] = detector.images
 
     import test as evaluation_script  # test.py of this repository: the pseudo-label export
+    train_sets = evaluation_script.pseudo_label_datasets(cfg)
     detector.images = 0
     with stages.stage("export_train", entries=len(train_set),
                       images=len({e["iid"] for e in train_set.entries})) as row:
-        count, agree = evaluation_script.export_pseudo_labels(model, cfg, device, os.path.join(root, "pseudo.json"))
+        count, agree = evaluation_script.export_pseudo_labels(model, cfg, device, os.path.join(root, "pseudo.json"),
+                                                              train_sets)
         row.update(written=count, detector_images=detector.images)
     return stages.rows
 
