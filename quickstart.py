@@ -2,7 +2,8 @@
 
     python quickstart.py
 
-1. generates the synthetic referring dataset (``datasets/synthetic.py``) unless it exists;
+1. generates the synthetic referring dataset (``datasets/synthetic.py``) with its probe splits
+   ``position`` and ``size`` (for ``tools.diagnose_synthetic --split position,size``) unless it exists;
 2. pre-trains the YOLOv3 detector on its training images (``pretrain.py``) unless the weights exist;
 3. trains the weakly supervised REC model (``train.py``), resuming an unfinished run;
 4. evaluates every split with two text-blind baselines and draws a few predictions (``test.py``).
@@ -30,17 +31,19 @@ import os
 import sys
 import time
 
+from datasets.synthetic import PROBE_IMAGES
 from utils.checkpoint import completed_epochs
 from utils.cli import run_main, run_python
 from utils.config import load_config
 from utils.paths import make_folder
 
 # The demo's data: 2100 training images; the evaluation splits hold 60 images (about 470 expressions)
-# each, as evaluation runs the detector once per image and each expression costs little more.
-DATA = {"images": 2280, "eval_images": 60}
+# each, as evaluation runs the detector once per image and each expression costs little more. The
+# probe splits hold 80 images each, at least 200 expressions of position (size) words only.
+DATA = {"images": 2280, "eval_images": 60, "probe_images": PROBE_IMAGES}
 # A pipeline check, not a result: a few images, a few steps.
 MINI = {
-    "images": 24, "image_size": 96,
+    "images": 24, "image_size": 96, "probe_images": 3,
     "overrides": ["INPUT_SHAPE=[96, 96]", "SELECT_NUM=4", "EPOCHS=1", "WARMUP=0", "BATCH_SIZE=4", "NUM_WORKER=0",
                   "DET_EPOCHS=1", "DET_BATCH_SIZE=4", "PRINT_FREQ=5"],
 }
@@ -119,9 +122,11 @@ def main(args: argparse.Namespace) -> int:
 
     generate = ["-m", "datasets.synthetic", "--out", data_root]
     if args.mini:
-        generate += ["--num-images", str(MINI["images"]), "--image-size", str(MINI["image_size"])]
+        generate += ["--num-images", str(MINI["images"]), "--image-size", str(MINI["image_size"]),
+                     "--probe-images", str(MINI["probe_images"])]
     else:
-        generate += ["--num-images", str(DATA["images"]), "--eval-images", str(DATA["eval_images"])]
+        generate += ["--num-images", str(DATA["images"]), "--eval-images", str(DATA["eval_images"]),
+                     "--probe-images", str(DATA["probe_images"])]
     stage("data", generate)
 
     manifest = os.path.join(data_root, "manifest.json")

@@ -34,10 +34,13 @@ class RefDataset(Dataset):
     share token ids. The primary expression is drawn from the key the training
     sampler passes with each index (see ``EpochSampler``), or, for a plain
     index, from torch's random generator. ``ann_path`` reads another annotation
-    file than ANN_PATH's (TRAIN_ANN_PATH for training).
+    file than ANN_PATH's (TRAIN_ANN_PATH for training). ``vocab_from`` takes the
+    vocabulary (and the longest expression, for MAX_TOKEN -1) from another
+    file: the one a model was trained on, to evaluate it on a file of other
+    splits (the synthetic data's probe splits); words it lacks encode as UNK.
     """
 
-    def __init__(self, cfg, split: str, ann_path: str | None = None):
+    def __init__(self, cfg, split: str, ann_path: str | None = None, vocab_from: str | None = None):
         self.split = split
         self.dataset_name = cfg.DATASET
         self.ann_path = ann_path or cfg.ann_path
@@ -51,7 +54,8 @@ class RefDataset(Dataset):
             raise DataError(f"image folder not found: {self.image_dir} "
                             f"(set IMAGE_PATH['{self.dataset_name}'] in the config)")
 
-        self.vocab, self.max_token_seen = build_vocab(data)
+        self.vocab, self.max_token_seen = build_vocab(
+            load_annotations(vocab_from, self.dataset_name) if vocab_from else data)
         self.token_to_ix = {token: i for i, token in enumerate(self.vocab)}
         # MAX_TOKEN -1 means "the longest expression of the file", as in the reference.
         self.max_token = self.max_token_seen if cfg.MAX_TOKEN == -1 else cfg.MAX_TOKEN
@@ -82,6 +86,8 @@ class RefDataset(Dataset):
         # (entry, image path) of each entry left out under SKIP_BAD_IMAGES.
         self.skipped = missing
         self._warn_wordless_expressions()
+        if vocab_from:
+            self._warn_unknown_words(vocab_from)
         if missing:
             log.warning("split '%s' of %s: skipped %d of %d entries whose image is missing (first: %s, %s)",
                         split, self.ann_path, len(missing), len(selected), *missing[0])
@@ -99,6 +105,13 @@ class RefDataset(Dataset):
             log.warning("split '%s' of %s: %d expression(s) have no words (first: expression %d of %s); "
                         "they encode to padding only: fix or remove them in the annotation file",
                         self.split, self.ann_path, len(wordless), i, name)
+
+    def _warn_unknown_words(self, vocab_from: str) -> None:
+        unknown = sorted({word for entry in self.entries for text in entry["refs"] for word in tokenize(text)}
+                         - set(self.vocab))
+        if unknown:
+            log.warning("split '%s' of %s: %d word(s) not in the vocabulary of %s encode as UNK (first: %r)",
+                        self.split, self.ann_path, len(unknown), vocab_from, unknown[0])
 
     def __len__(self) -> int:
         return len(self.entries)

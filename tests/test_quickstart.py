@@ -32,19 +32,34 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
         assert stage in first.stdout
 
     # The diagnosis tool scores the same model on val as test.py did, and no choice of anchor beats
-    # the ceiling it reports.
+    # the ceiling it reports; the probe splits the quickstart made hold only their kind of expression.
     data = tmp_path / "data"
     diagnosis = subprocess.run(
         [sys.executable, "-m", "tools.diagnose_synthetic", "--eval-weights", str(tmp_path / "logs" / "best.pth"),
+         "--split", "val,position,size", "--out-json", str(tmp_path / "by_kind.json"),
          f"ANN_PATH={{synthetic: {data}/anns/synthetic.json}}", f"IMAGE_PATH={{synthetic: {data}/images}}",
          "INPUT_SHAPE=[96, 96]", "SELECT_NUM=4", "BATCH_SIZE=4", "NUM_WORKER=0"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert diagnosis.returncode == 0, diagnosis.stderr[-3000:]
-    name, n, ceiling, acc = diagnosis.stdout.strip().splitlines()[-1].split()
+    tables = diagnosis.stdout.strip().split("\n\n")
+    titles = [table.splitlines()[0].split("(Acc@0.5, ")[1].split(";")[0] for table in tables]
+    assert titles == ["val", "position", "size"]
+    assert "95 % CI: Wilson score interval" in tables[0].splitlines()[0]
+    name, n, ceiling, acc, low, high = tables[0].splitlines()[-1].split()
     assert name == "all" and int(n) == results["val"]["n"]
     assert abs(float(acc) - results["val"]["acc"]) < 0.01
+    assert float(low.strip("[,")) <= float(acc) <= float(high.strip("]"))
     assert float(acc) <= float(ceiling)
     assert float(ceiling) >= max(b["val"]["acc"] for b in results["baselines"].values())
+    by_kind = json.loads((tmp_path / "by_kind.json").read_text())
+    probes = json.loads((data / "anns" / "probe.json").read_text())
+    assert set(by_kind) == {"val", "position", "size"}
+    assert by_kind["val"]["all"]["n"] == results["val"]["n"]
+    for split in ("position", "size"):
+        assert set(by_kind[split]) == {split, "all"}
+        assert by_kind[split]["all"]["n"] == len(probes[split]) > 0
+        low, high = by_kind[split]["all"]["ci95"]
+        assert 0 <= low <= by_kind[split]["all"]["acc"] <= high <= 100
 
     # RefCLIP's scheme on the quickstart's weak model: pseudo-labels, the student on them and on the
     # ground truth, one table and the breakdown by kind of expression.

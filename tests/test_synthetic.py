@@ -6,11 +6,16 @@ import re
 import cv2
 import pytest
 
-from datasets import load_annotations
-from datasets.synthetic import (CATEGORIES, DETECTION_CATEGORIES, TEST_A_CATEGORIES, expression_kind, generate,
-                                resolve)
+from datasets import DataError, load_annotations
+from datasets.synthetic import (CATEGORIES, DETECTION_CATEGORIES, PROBE_SPLITS, TEST_A_CATEGORIES,
+                                checked_probe_annotations, expression_kind, generate, resolve)
+from tools.diagnose_synthetic import split_dataset
+from utils.config import load_config
 
 NUM_IMAGES, IMAGE_SIZE = 12, 96
+# The probe splits' tests: data of their own, 10 images per probe split.
+PROBED_IMAGES, PROBES = 30, 10
+MAIN_FILES = ("annotations", "detection_train", "detection_val", "scenes", "manifest")
 
 
 def _load(path):
@@ -50,10 +55,10 @@ def test_existing_data_is_kept_and_other_parameters_replace_it(tmp_path):
     assert _load(paths["manifest"])["num_images"] == 6
 
 
-def test_every_expression_picks_out_its_referent_and_needs_its_words(data):
-    scenes = _load(data["scenes"])
+def _check_expressions(scenes) -> int:
+    """Every expression of ``scenes`` picks out its referent and needs each of its words; their count."""
     expressions = 0
-    for scene in scenes["images"]:
+    for scene in scenes:
         objects, frame = scene["objects"], (scene["width"], scene["height"])
         for index, obj in enumerate(objects):
             for ref in obj.get("refs", []):
@@ -66,7 +71,11 @@ def test_every_expression_picks_out_its_referent_and_needs_its_words(data):
                         continue
                     shorter = " ".join(words[:k] + words[k + 1:])
                     assert resolve(shorter, objects, *frame) != [index], (ref, shorter)
-    assert expressions >= NUM_IMAGES
+    return expressions
+
+
+def test_every_expression_picks_out_its_referent_and_needs_its_words(data):
+    assert _check_expressions(_load(data["scenes"])["images"]) >= NUM_IMAGES
 
 
 def test_position_words_only_where_attributes_do_not_suffice(data):
@@ -177,3 +186,128 @@ def test_eval_images_fix_the_size_of_each_evaluation_split(tmp_path):
     assert _load(paths["manifest"])["eval_images"] == 2
     with pytest.raises(ValueError, match="9 images cannot hold 3 for each of val, testA and testB"):
         generate(str(tmp_path / "small"), 9, 64, seed=3, eval_images=3)
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("probed")), PROBED_IMAGES, IMAGE_SIZE, seed=0, probe_images=PROBES)
+
+
+def _tree(root):
+    """{relative path: (bytes, mtime_ns)} of every file under ``root``."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, root)] = (_bytes(path), os.stat(path).st_mtime_ns)
+    return files
+
+
+def test_probes_leave_every_main_file_as_it_is_made_without_them(probed, tmp_path):
+    plain = generate(str(tmp_path), PROBED_IMAGES, IMAGE_SIZE, seed=0)
+    before = _tree(tmp_path)
+    assert not any(os.path.exists(plain[k]) for k in ("probe_annotations", "probe_scenes", "probe_manifest"))
+    main_images = [f"{i}.jpg" for i in range(1, PROBED_IMAGES + 1)]
+    assert set(os.listdir(plain["images"])) == set(main_images)
+    for key in MAIN_FILES:
+        assert _bytes(probed[key]) == _bytes(plain[key]), key
+    for name in main_images:
+        assert _bytes(os.path.join(probed["images"], name)) == _bytes(os.path.join(plain["images"], name))
+
+    # Added to existing data: its files are not even rewritten, and the probes are those made with it.
+    generate(str(tmp_path), PROBED_IMAGES, IMAGE_SIZE, seed=0, probe_images=PROBES)
+    after = _tree(tmp_path)
+    assert {path: after[path] for path in before} == before
+    for key in ("probe_annotations", "probe_scenes", "probe_manifest"):
+        assert _bytes(probed[key]) == _bytes(plain[key]), key
+    added = sorted(set(after) - set(before))
+    assert added == sorted(["anns/probe.json", "probe_scenes.json", "probe_manifest.json"]
+                           + [f"images/{i}.jpg" for i in range(PROBED_IMAGES + 1, PROBED_IMAGES + 1 + 2 * PROBES)])
+
+
+def test_probe_splits_hold_only_expressions_of_their_kind_each_naming_its_referent(probed):
+    anns = load_annotations(probed["probe_annotations"], "synthetic")
+    assert tuple(anns) == PROBE_SPLITS == ("position", "size")
+    scenes = _load(probed["probe_scenes"])["images"]
+    by_iid = {scene["iid"]: scene for scene in scenes}
+    first = PROBED_IMAGES + 1
+    assert [scene["iid"] for scene in scenes] == list(range(first, first + 2 * PROBES))
+    for k, split in enumerate(PROBE_SPLITS):
+        iids = set(range(first + k * PROBES, first + (k + 1) * PROBES))
+        assert {e["iid"] for e in anns[split]} == iids  # every probe image holds a referent
+        assert {by_iid[iid]["split"] for iid in iids} == {split}
+        for e in anns[split]:
+            assert len(e["refs"]) == 1 and expression_kind(e["refs"][0]) == split, e
+            scene = by_iid[e["iid"]]
+            index = next(i for i, obj in enumerate(scene["objects"]) if obj["id"] == e["mask_id"])
+            assert resolve(e["refs"][0], scene["objects"], scene["width"], scene["height"]) == [index]
+            assert e["bbox"] == scene["objects"][index]["bbox"]
+        assert all(len(obj.get("refs", [])) <= 3 for scene in scenes for obj in scene["objects"])
+        assert all(sum("refs" in obj for obj in scene["objects"]) <= 3 for scene in scenes)
+    assert _check_expressions(scenes) == sum(len(entries) for entries in anns.values())
+    # Object ids continue the main data's, which keeps its own.
+    main_ids = [obj["id"] for scene in _load(probed["scenes"])["images"] for obj in scene["objects"]]
+    probe_ids = [obj["id"] for scene in scenes for obj in scene["objects"]]
+    assert probe_ids == list(range(max(main_ids) + 1, max(main_ids) + 1 + len(probe_ids)))
+
+
+def test_probe_images_are_in_no_detection_file(probed):
+    probe_iids = {scene["iid"] for scene in _load(probed["probe_scenes"])["images"]}
+    probe_ids = {obj["id"] for scene in _load(probed["probe_scenes"])["images"] for obj in scene["objects"]}
+    for key in ("detection_train", "detection_val"):
+        coco = _load(probed[key])
+        assert not probe_iids & {im["id"] for im in coco["images"]}
+        assert not probe_iids & {a["image_id"] for a in coco["annotations"]}
+        assert not probe_ids & {a["id"] for a in coco["annotations"]}
+    assert {im["id"] for im in _load(probed["detection_train"])["images"]} == set(range(1, PROBED_IMAGES + 1))
+
+
+def test_generating_probes_again_is_a_no_op_and_another_count_replaces_them(probed, tmp_path):
+    before = _tree(probed["root"])
+    assert generate(probed["root"], PROBED_IMAGES, IMAGE_SIZE, seed=0, probe_images=PROBES) == probed
+    assert _tree(probed["root"]) == before
+    assert generate(probed["root"], PROBED_IMAGES, IMAGE_SIZE, seed=0) == probed  # 0: the probes stay
+    assert _tree(probed["root"]) == before
+
+    paths = generate(str(tmp_path), 8, 64, seed=3, probe_images=3)
+    main = {key: _bytes(paths[key]) for key in MAIN_FILES}
+    generate(str(tmp_path), 8, 64, seed=3, probe_images=2)
+    assert set(os.listdir(paths["images"])) == {f"{i}.jpg" for i in range(1, 13)}
+    assert _load(paths["probe_manifest"])["probe_images"] == 2
+    assert {key: _bytes(paths[key]) for key in MAIN_FILES} == main
+    # Other data: the probes made for the old one go with it.
+    generate(str(tmp_path), 7, 64, seed=3)
+    assert set(os.listdir(paths["images"])) == {f"{i}.jpg" for i in range(1, 8)}
+    assert not any(os.path.exists(paths[k]) for k in ("probe_annotations", "probe_scenes", "probe_manifest"))
+    with pytest.raises(ValueError, match="probe_images must be 0"):
+        generate(str(tmp_path), 7, 64, seed=3, probe_images=-1)
+
+
+def test_asking_for_missing_or_stale_probes_says_how_to_make_them(probed, tmp_path):
+    assert checked_probe_annotations(probed["annotations"]) == probed["probe_annotations"]
+    plain = generate(str(tmp_path / "plain"), 8, 64, seed=3, eval_images=1)
+    with pytest.raises(DataError, match=re.escape(
+            f"has no probe splits (position, size): add them with python -m datasets.synthetic --out "
+            f"{tmp_path / 'plain'} --num-images 8 --image-size 64 --seed 3 --eval-images 1 --probe-images 80")):
+        checked_probe_annotations(plain["annotations"])
+    generate(str(tmp_path / "plain"), 8, 64, seed=3, eval_images=1, probe_images=2)
+    probe_manifest = _load(plain["probe_manifest"])
+    probe_manifest["data"]["seed"] = 4
+    with open(plain["probe_manifest"], "w") as f:
+        json.dump(probe_manifest, f)
+    with pytest.raises(DataError, match="were made for other data: make them again with .* --probe-images 2"):
+        checked_probe_annotations(plain["annotations"])
+    with pytest.raises(DataError, match="manifest.json not found"):
+        checked_probe_annotations(str(tmp_path / "elsewhere" / "anns" / "synthetic.json"))
+
+
+def test_probe_splits_are_read_with_the_data_s_vocabulary(probed):
+    cfg = load_config("config/synthetic/quickstart.yaml", [
+        f"ANN_PATH={{synthetic: {probed['annotations']}}}", f"IMAGE_PATH={{synthetic: {probed['images']}}}"])
+    val, position = split_dataset(cfg, "val"), split_dataset(cfg, "position")
+    assert position.vocab == val.vocab and position.max_token_seen == val.max_token_seen
+    assert len(position) == len(_load(probed["probe_annotations"])["position"])
+    assert len(split_dataset(cfg, "position+size")) == sum(map(len, _load(probed["probe_annotations"]).values()))
+    with pytest.raises(DataError, match=r"joins probe splits .* give them comma-separated instead "
+                                        r"\(--split val,position\)"):
+        split_dataset(cfg, "val+position")
