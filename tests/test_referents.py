@@ -146,6 +146,9 @@ def test_rec_loss_reports_the_referent_term_only_when_weighted():
         rec_loss(anchors, texts, referent_weight=1.0)
 
 
+PASSES = 4
+
+
 def test_the_referent_contrast_falls_on_a_tiny_dataset(tiny):
     cfg = _config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ANCHOR_GEOMETRY=true", "NUM_REFS=1",
                   "BATCH_SIZE=4", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0")
@@ -162,14 +165,15 @@ def test_the_referent_contrast_falls_on_a_tiny_dataset(tiny):
             return sum(rec_losses(model, b, "none", device)["referent"].item() for b in batches) / len(batches)
 
     before = referent_term()
-    for _ in range(15):
+    for _ in range(PASSES):
         for batch in batches:
             loss = rec_losses(model, batch, "none", device)["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     after = referent_term()
-    # Measured (seed 0): REPLACE_MEASURED.
+    # Measured (seed 0, this AMD EPYC): 0.0885 before, 0.0 after 4 passes (no two referents of an image
+    # left on one anchor); the bounds leave room for other CPUs' rounding.
     assert before > 0.05 and after < before / 4, (before, after)
 
 
