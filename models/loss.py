@@ -105,13 +105,23 @@ def own_image(anchors: torch.Tensor) -> torch.Tensor:
     return anchors[rows, rows]
 
 
+def coreferent_agreement(own_sim: torch.Tensor) -> torch.Tensor:
+    """The expressions of one sample name one referent: each is pulled towards the anchor they
+    choose together, the best sum of their log-probabilities (the vote test.py's pseudo-label
+    export takes). ``own_sim`` ``[E,B,K]``: each text against its own image's K anchors; returns
+    ``[E]``, the cross-entropy of each expression's distribution over K with the voted anchor."""
+    log_p = own_sim.log_softmax(-1)  # [E, B, K]
+    voted = log_p.detach().sum(0).argmax(-1)  # [B]
+    return -log_p.gather(-1, voted[None, :, None].expand(log_p.shape[0], -1, 1))[..., 0].mean(-1)
+
+
 def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1,
              er_weight: float = 0.1, image_ids: torch.Tensor | None = None,
-             referent_weight: float = 0.0) -> dict[str, torch.Tensor]:
+             referent_weight: float = 0.0, agreement_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """anchors ``[B,K,D]`` (or ``[B_text,B_image,K,D]``, conditioned per text), texts ``[B,E,D]`` ->
-    ``{'loss', 'ce'[, 'fns'][, 'er'][, 'referent']}``, each the mean over the E expressions;
-    ``loss = ce + fns_weight * fns + er_weight * er + referent_weight * referent``. Terms of weight 0
-    are skipped. ``image_ids`` ``[B]`` (GROUP_BY_IMAGE): samples of one image are not each other's
+    ``{'loss', 'ce'[, 'fns'][, 'er'][, 'referent'][, 'agreement']}``, each the mean over the E
+    expressions; ``loss = ce + fns_weight * fns + er_weight * er + referent_weight * referent +
+    agreement_weight * agreement`` (:func:`coreferent_agreement`). Terms of weight 0 are skipped. ``image_ids`` ``[B]`` (GROUP_BY_IMAGE): samples of one image are not each other's
     negatives, and the referent contrast (:func:`referent_contrast`) compares them."""
     texts = texts.transpose(0, 1)  # [E, B, D]
     if anchors.dim() == 4:  # [B_text, B_image, K, D]: image j's anchors as text i sees them
@@ -142,4 +152,8 @@ def rec_loss(anchors: torch.Tensor, texts: torch.Tensor, fns_weight: float = 0.1
         referent = referent_contrast(own.transpose(1, 2), same_image)
         loss = loss + referent_weight * referent
         parts["referent"] = referent.mean()
+    if agreement_weight:
+        agreement = coreferent_agreement(own.transpose(1, 2))
+        loss = loss + agreement_weight * agreement
+        parts["agreement"] = agreement.mean()
     return {"loss": loss.mean(), **parts}

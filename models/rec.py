@@ -24,8 +24,8 @@ class REC(nn.Module):
     what :meth:`detect` gives for ``images``, skips the detector (a :class:`DetectorCache` supplies
     them); ``image_ids`` ``[B]`` tell the training loss which samples share an image (GROUP_BY_IMAGE).
 
-    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``, ``referent``;
-    APL's ``recon``, ``align``, ``align_iou``, ``align_obj``, ``align_l1``).
+    Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``, ``referent``,
+    ``agreement``; APL's ``recon``, ``align``, ``align_iou``, ``align_obj``, ``align_l1``).
     Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels, the
     best-ranked candidate (:meth:`rank`) for the first expression of each sample (with APL's
     alignment head and APL_ALIGN_PREDICT, the head's most confident box).
@@ -38,6 +38,7 @@ class REC(nn.Module):
         self.fns_weight = cfg.FNS_WEIGHT
         self.er_weight = cfg.ER_WEIGHT
         self.referent_weight = cfg.REFERENT_WEIGHT
+        self.agreement_weight = cfg.AGREEMENT_WEIGHT
         self.groups_by_image = cfg.GROUP_BY_IMAGE
         self.freeze_visual = cfg.VIS_FREEZE
         self.freeze_backbone_bn = cfg.FREEZE_BACKBONE_BN
@@ -99,7 +100,8 @@ class REC(nn.Module):
                              "contrastive loss has no negatives otherwise; drop the last incomplete batch")
         embedded = self._embed(images, refs, detections, pairwise=self.cma_pairwise)
         out = rec_loss(embedded.anchors, embedded.texts, self.fns_weight, self.er_weight,
-                       image_ids if self.groups_by_image else None, self.referent_weight)
+                       image_ids if self.groups_by_image else None, self.referent_weight,
+                       self.agreement_weight)
         if self.reconstruction is not None:
             out["recon"] = self.reconstruction(own_image(embedded.visual), embedded.texts)
             out["loss"] = out["loss"] + self.recon_weight * out["recon"]

@@ -246,6 +246,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "REFERENT_WEIGHT": Key(0.0, "weight of the within-image referent contrast: expressions of two referents "
                                "of one image that pick the same anchor pay the probability that both pick it "
                                "(0 disables it; needs GROUP_BY_IMAGE)", range=(0, None)),
+        "AGREEMENT_WEIGHT": Key(0.0, "weight of the co-referent agreement: the NUM_REFS expressions of a training "
+                                "sample (one referent) are each pulled towards the anchor their summed "
+                                "log-probabilities choose, the vote of the pseudo-label export (0 disables it; "
+                                "needs NUM_REFS of 2 or more)", range=(0, None)),
         "ANCHOR_GEOMETRY": Key(False, "add to each anchor's embedding an MLP of its box's centre and size "
                                "(as fractions of the input), which position and size words can read",
                                changes_model=True),
@@ -487,6 +491,9 @@ def _validate(values: dict[str, Any]) -> None:
     if values["REFERENT_WEIGHT"] and not values["GROUP_BY_IMAGE"]:
         raise ConfigError("REFERENT_WEIGHT needs GROUP_BY_IMAGE: true (the referents of an image meet in a batch "
                           "only when its entries are batched together)")
+    if values["AGREEMENT_WEIGHT"] and values["NUM_REFS"] < 2:
+        raise ConfigError(f"AGREEMENT_WEIGHT needs NUM_REFS of 2 or more (the expressions that agree), got "
+                          f"{values['NUM_REFS']}")
     if values["REFERENT_WEIGHT"] and values["ARCH"] == "student":
         raise ConfigError("REFERENT_WEIGHT is a loss of the weak model (ARCH: weak); the student learns from boxes")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
