@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from datasets import RefDataset, build_loader
 from datasets.loader import EpochSampler, pack_groups
 from models import build_model
-from models.loss import contrastive_loss, equivariant_regularization, rec_loss, referent_contrast
+from models.loss import (contrastive_loss, coreferent_agreement, equivariant_regularization, rec_loss,
+                         referent_contrast)
 from tiny_data import make_tiny_dataset, tiny_cli_overrides
 from utils.config import ConfigError, load_config
 from utils.engine import prepare_batch, rec_losses
@@ -201,3 +202,40 @@ def test_the_switches_are_checked(tiny):
         _config(tiny, "REFERENT_WEIGHT=1.0")
     with pytest.raises(ConfigError, match="REFERENT_WEIGHT is a loss of the weak model"):
         _config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ARCH=student")
+    with pytest.raises(ConfigError, match="AGREEMENT_WEIGHT needs NUM_REFS of 2 or more"):
+        _config(tiny, "AGREEMENT_WEIGHT=1.0", "NUM_REFS=1")
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("config/refclip/refcoco.yaml", ()),
+    ("config/refcoco.yaml", ()),
+    ("config/refcoco.yaml", ("CMA_CONDITION=query",)),
+    ("config/apl/refcoco.yaml", ("DETECTOR_CLASS_NAMES=[red square, blue square]",)),
+], ids=["refclip", "accv", "accv-query", "apl"])
+def test_every_weak_model_trains_with_the_switches(tiny, config, extra):
+    root, ann, images = tiny
+    cfg = load_config(config, [*tiny_cli_overrides(str(root), ann, images), "DROPOUT_R=0.0", "NUM_REFS=2",
+                               "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "AGREEMENT_WEIGHT=1.0",
+                               "ANCHOR_GEOMETRY=true", *extra])
+    dataset = RefDataset(cfg, "train")
+    torch.manual_seed(0)
+    model = build_model(cfg, None, len(dataset.vocab), dataset.vocab).train()
+    batch = prepare_batch(model, next(iter(build_loader(cfg, dataset, train=True))), torch.device("cpu"),
+                          mean_std=(cfg.MEAN, cfg.STD))
+    ids = batch["info"][:, 6].tolist()
+    assert len(set(ids)) < len(ids)  # the batch holds referents of one image
+    out = rec_losses(model, batch, "none", torch.device("cpu"))
+    assert {"ce", "referent", "agreement"} <= set(out) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.geometry.mlp[2].weight.grad.abs().sum() > 0
+
+
+def test_coreferent_agreement_pulls_each_expression_to_the_voted_anchor():
+    # One sample, two expressions over K = 3 anchors: the first sure of anchor 1, the second mildly
+    # of anchor 0; their summed log-probabilities choose anchor 1.
+    own = torch.tensor([[[0.0, 5.0, 0.0]], [[1.0, 0.5, 0.0]]], requires_grad=True)
+    loss = coreferent_agreement(own)
+    expected = -own.detach().log_softmax(-1)[:, 0, 1]
+    torch.testing.assert_close(loss, expected)
+    loss.sum().backward()
+    assert own.grad[1, 0, 1] < 0 < own.grad[1, 0, 0]  # the second expression moves to anchor 1
