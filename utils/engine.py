@@ -85,8 +85,11 @@ def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, sc
 
 def rec_losses(model: nn.Module, batch: dict, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
     """The REC model's training forward on a prepared batch: ``'loss'`` and its parts. A model that
-    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``."""
-    targets = {"targets": batch["box"]} if getattr(unwrap_model(model), "supervised", False) else {}
+    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``, and the samples'
+    loss weights, ``weights=batch["weight"]``, where the batch has them (PSEUDO_LABEL_WEIGHTING)."""
+    targets = {}
+    if getattr(unwrap_model(model), "supervised", False):
+        targets = {"targets": batch["box"], **({"weights": batch["weight"]} if "weight" in batch else {})}
     with autocast(device, amp):
         return model(batch["image"], batch["refs"], batch.get("detections"), **targets)
 
