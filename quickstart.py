@@ -21,7 +21,15 @@ pseudo-labels (``test.py --export-pseudo-labels``), trains the supervised studen
 both, and prints one table (the teacher, both students, the text-blind baselines, per split) and the
 accuracy by kind of expression (``tools/diagnose_synthetic``). Its last line is ``results: PATH``,
 ``{"weak": {split: {"acc", "n"}}, "student_pseudo": ..., "student_gt": ..., "baselines": ...,
-"by_kind": {model: {kind: {"n", "acc", "ceiling"}}}}``.
+"by_kind": {model: {kind: {"n", "acc", "ceiling"}}}, "student_rounds": [...]}``.
+
+    python quickstart.py --student --rounds 2 --export-overrides PSEUDO_LABEL_ASSIGNMENT=joint \
+        --student-overrides PSEUDO_LABEL_KEEP=0.8 EPOCHS=8 LOG_PATH=./logs/synthetic_student_joint
+
+``--rounds N`` self-trains: each student after the first trains on the labels its predecessor
+exports; ``student_rounds`` holds each round's labels, their agreement with the true boxes and the
+student's accuracy. ``--export-overrides`` apply to the teacher's export, ``--student-overrides``
+to every student (the one on the ground truth keeps every entry unweighted).
 """
 from __future__ import annotations
 
@@ -32,10 +40,11 @@ import sys
 import time
 
 from datasets.synthetic import PROBE_IMAGES
-from utils.checkpoint import completed_epochs
+from utils.checkpoint import CheckpointMismatchError, completed_epochs, config_from_checkpoint, load_checkpoint
 from utils.cli import run_main, run_python
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 from utils.paths import make_folder
+from utils.pseudo_label_export import label_agreement
 
 # The demo's data: 2100 training images; the evaluation splits hold 60 images (about 470 expressions)
 # each, as evaluation runs the detector once per image and each expression costs little more. The
@@ -60,6 +69,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="after the quickstart: pseudo-labels, the supervised student on them and on the "
                              "ground truth, one table")
     parser.add_argument("--student-config", default="config/synthetic/student.yaml")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --student: students trained in turn, each after the first on the labels of the "
+                             "one before (self-training)")
+    parser.add_argument("--export-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --student: config overrides of the teacher's pseudo-label export "
+                             "(PSEUDO_LABEL_ASSIGNMENT, PSEUDO_LABEL_EXPRESSIONS)")
+    parser.add_argument("--student-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --student: config overrides of every student (PSEUDO_LABEL_KEEP, "
+                             "PSEUDO_LABEL_WEIGHTING, EPOCHS, LOG_PATH, ...)")
     return parser
 
 
@@ -79,16 +97,27 @@ def older(path: str, *sources: str) -> bool:
     return any(os.path.getmtime(path) < os.path.getmtime(source) for source in sources)
 
 
+def trained_with(path: str, cfg) -> bool:
+    """Whether the training checkpoint ``path`` was trained with ``cfg`` (keys it predates taking
+    their defaults; a config this code cannot read is another)."""
+    try:
+        trained = config_from_checkpoint(load_checkpoint(path, "training checkpoint"), path)
+    except (ConfigError, CheckpointMismatchError):
+        return False
+    return trained.to_dict() == cfg.to_dict()
+
+
 def train_stage(name: str, config: str, cfg, inputs: list[str], arguments: list[str]) -> str:
-    """Train ``config`` into ``cfg.LOG_PATH`` unless a finished run newer than ``inputs`` is there,
-    resuming a current unfinished one; returns its ``best.pth``."""
+    """Train ``config`` into ``cfg.LOG_PATH`` unless a finished run of ``cfg`` newer than ``inputs``
+    is there, resuming a current unfinished one; returns its ``best.pth``."""
     last, best = os.path.join(cfg.LOG_PATH, "last.pth"), os.path.join(cfg.LOG_PATH, "best.pth")
-    current = os.path.isfile(last) and not older(last, *inputs)
+    current = os.path.isfile(last) and not older(last, *inputs) and trained_with(last, cfg)
     finished = current and completed_epochs(last) >= cfg.EPOCHS
     if finished and os.path.isfile(best):
         print(f"== {name}: reusing {best}")
     else:
-        # An unfinished current run is continued; one made from older data or weights is replaced.
+        # An unfinished current run is continued; one made from older data or weights, or with
+        # another config, is replaced.
         if current:
             resume = ["--resume", last]
         else:
@@ -114,6 +143,10 @@ def main(args: argparse.Namespace) -> int:
                       f"LOG_PATH={work}/logs"]
     cfg = load_config(args.config, overrides)
     device = ["--device", args.device] if args.device else []
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    if not args.student and (args.rounds > 1 or args.export_overrides or args.student_overrides):
+        raise ConfigError("--rounds, --export-overrides and --student-overrides belong to --student")
     if args.student:
         student_paths = [f"TRAIN_ANN_PATH={work}/data/anns/synthetic_pseudo.json",
                          f"LOG_PATH={work}/logs_student"] if work else []
@@ -158,45 +191,72 @@ def main(args: argparse.Namespace) -> int:
 MODELS = {"weak": "teacher", "student_pseudo": "student, pseudo-labels", "student_gt": "student, ground truth"}
 
 
+def round_name(number: int) -> str:
+    """The results key of the student of round ``number`` (round 1: the one on the teacher's labels)."""
+    return "student_pseudo" if number == 1 else f"student_round{number}"
+
+
 def student(args: argparse.Namespace, weak_cfg, weak_overrides: list[str], overrides: list[str],
             device: list[str]) -> int:
     """RefCLIP's scheme on the quickstart's model: its pseudo-labels, the student trained on them
-    and on the ground truth, one table."""
+    (and, for ``--rounds`` above 1, each later student on its predecessor's labels) and on the
+    ground truth, one table."""
     weak = os.path.join(weak_cfg.LOG_PATH, "best.pth")
     if not os.path.isfile(weak):
         sys.exit(f"quickstart --student: no trained model at {weak}; run python quickstart.py first")
+    overrides = [*overrides, *args.student_overrides]
     cfg = load_config(args.student_config, overrides)
     pseudo, folder = cfg.train_ann_path, cfg.LOG_PATH
-    scores_of = {name: os.path.join(folder, name, "results.json") for name in MODELS}
-    kinds_of = {name: os.path.join(folder, name, "by_kind.json") for name in MODELS}
-    if all(os.path.isfile(p) and not older(p, weak) for p in (pseudo, scores_of["weak"], kinds_of["weak"])):
+    rounds = [round_name(number) for number in range(1, args.rounds + 1)]
+    columns = {"weak": MODELS["weak"], **{name: MODELS.get(name, f"student, round {number}")
+                                          for number, name in enumerate(rounds, start=1)},
+               "student_gt": MODELS["student_gt"]}
+    scores_of = {name: os.path.join(folder, name, "results.json") for name in columns}
+    kinds_of = {name: os.path.join(folder, name, "by_kind.json") for name in columns}
+    labels_of = {name: pseudo if number == 1 else os.path.join(folder, f"labels_round{number}.json")
+                 for number, name in enumerate(rounds, start=1)}
+    # What the teacher's labels were made with: other export overrides make them again.
+    made_with = os.path.splitext(pseudo)[0] + ".made_with.json"
+    recipe = {"teacher": os.path.abspath(weak), "export_overrides": args.export_overrides}
+    outputs = (pseudo, scores_of["weak"], kinds_of["weak"], made_with)
+    if all(os.path.isfile(p) and not older(p, weak) for p in outputs) and read_json(made_with) == recipe:
         print(f"== pseudo-labels: reusing {pseudo}")
     else:
         stage("pseudo-labels", ["test.py", "--config", args.config, "--eval-weights", weak, "--baselines",
                                 "--out-json", scores_of["weak"], "--export-pseudo-labels", pseudo, *device,
-                                *weak_overrides])
+                                *weak_overrides, *args.export_overrides])
         stage("diagnose weak", ["-m", "tools.diagnose_synthetic", "--config", args.config, "--eval-weights", weak,
                                 "--out-json", kinds_of["weak"], *device, *weak_overrides])
-    for name, train_file in (("student_pseudo", pseudo), ("student_gt", cfg.ann_path)):
-        run_overrides = [*overrides, f"TRAIN_ANN_PATH={train_file}", f"LOG_PATH={os.path.join(folder, name)}"]
+        with open(made_with, "w") as f:
+            json.dump(recipe, f)
+    # The student on the ground truth: every entry, unweighted (the file holds no margins).
+    runs = [(name, labels_of[name], overrides, labels_of.get(following))
+            for name, following in zip(rounds, [*rounds[1:], None])]
+    runs.append(("student_gt", cfg.ann_path, [*overrides, "PSEUDO_LABEL_KEEP=1.0", "PSEUDO_LABEL_WEIGHTING=none"],
+                 None))
+    for name, train_file, student_overrides, next_labels in runs:
+        run_overrides = [*student_overrides, f"TRAIN_ANN_PATH={train_file}", f"LOG_PATH={os.path.join(folder, name)}"]
         run_cfg = load_config(args.student_config, run_overrides)
         best = train_stage(f"train {name}", args.student_config, run_cfg, [train_file, run_cfg.PRETRAIN_WEIGHT],
                            [*device, *run_overrides])
+        # A student followed by another round labels the training set for it in the same pass, unless
+        # its labels are already there.
+        relabel = next_labels and (not os.path.isfile(next_labels) or older(next_labels, best))
+        export = ["--export-pseudo-labels", next_labels] if relabel else []
         stage(f"evaluate {name}", ["test.py", "--config", args.student_config, "--eval-weights", best,
-                                   "--out-json", scores_of[name], *device, *run_overrides])
+                                   "--out-json", scores_of[name], *export, *device, *run_overrides])
         stage(f"diagnose {name}", ["-m", "tools.diagnose_synthetic", "--config", args.student_config,
                                    "--eval-weights", best, "--out-json", kinds_of[name], *device, *run_overrides])
 
-    results = {}
-    for name in MODELS:
-        with open(scores_of[name]) as f:
-            results[name] = json.load(f)
+    results = {name: read_json(scores_of[name]) for name in MODELS}
     results["baselines"] = results["weak"].pop("baselines")
-    results["by_kind"] = {}
-    for name in MODELS:
-        with open(kinds_of[name]) as f:
-            results["by_kind"][name] = json.load(f)
-    print(student_tables(results))
+    results["by_kind"] = {name: read_json(kinds_of[name]) for name in MODELS}
+    results["student_rounds"] = [
+        {"round": number, "labels": labels_of[name],
+         "labels_agree": label_agreement(labels_of[name], cfg.ann_path, cfg.TRAIN_SPLIT, cfg.DATASET),
+         "scores": read_json(scores_of[name]), "by_kind": read_json(kinds_of[name])}
+        for number, name in enumerate(rounds, start=1)]
+    print(student_tables(results, columns))
     path = os.path.join(folder, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -204,20 +264,33 @@ def student(args: argparse.Namespace, weak_cfg, weak_overrides: list[str], overr
     return 0
 
 
-def student_tables(results: dict) -> str:
-    """Acc@0.5 per split of the teacher, both students and the baselines; then val by kind."""
-    columns = [*MODELS, *results["baselines"]]
-    names = {**MODELS, **{kind: kind.replace("_", " ") for kind in results["baselines"]}}
-    lines = ["Acc@0.5 (%) per split:", f"  {'split':<8}" + "".join(f"{names[c]:>24}" for c in columns) + f"{'n':>6}"]
+def read_json(path: str):
+    """The content of the JSON file ``path``; None where there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def student_tables(results: dict, columns: dict[str, str]) -> str:
+    """Acc@0.5 per split of the teacher, every student (``columns``: results key -> column name)
+    and the baselines; the labels each round trained on; then val by kind."""
+    rounds = {round_name(row["round"]): row for row in results["student_rounds"]}
+    scores = {name: rounds[name]["scores"] if name in rounds else results[name] for name in columns}
+    kinds = {name: rounds[name]["by_kind"] if name in rounds else results["by_kind"][name] for name in columns}
+    names = {**columns, **{kind: kind.replace("_", " ") for kind in results["baselines"]}}
+    header = [*columns, *results["baselines"]]
+    lines = ["Acc@0.5 (%) per split:", f"  {'split':<8}" + "".join(f"{names[c]:>24}" for c in header) + f"{'n':>6}"]
     for split, row in results["weak"].items():
-        accs = [results[c][split]["acc"] for c in MODELS] + [b[split]["acc"] for b in results["baselines"].values()]
+        accs = [scores[c][split]["acc"] for c in columns] + [b[split]["acc"] for b in results["baselines"].values()]
         lines.append(f"  {split:<8}" + "".join(f"{acc:>24.2f}" for acc in accs) + f"{row['n']:>6}")
+    lines.append("training labels within IoU 0.5 of the true boxes (%):")
+    lines += [f"  {columns[name]:<28}{row['labels_agree']:6.2f}  {row['labels']}" for name, row in rounds.items()]
     lines += ["val Acc@0.5 (%) by kind of expression (the teacher's anchor ceiling in brackets):",
-              f"  {'expressions':<20}{'n':>6}" + "".join(f"{MODELS[name]:>24}" for name in MODELS)]
-    weak_kinds = results["by_kind"]["weak"]
-    for kind, row in weak_kinds.items():
+              f"  {'expressions':<20}{'n':>6}" + "".join(f"{columns[name]:>24}" for name in columns)]
+    for kind, row in kinds["weak"].items():
         cells = [f"{row['acc']:.2f} ({row['ceiling']:.2f})"]
-        cells += [f"{results['by_kind'][name][kind]['acc']:.2f}" for name in list(MODELS)[1:]]
+        cells += [f"{kinds[name][kind]['acc']:.2f}" for name in list(columns)[1:]]
         lines.append(f"  {kind:<20}{row['n']:>6}" + "".join(f"{cell:>24}" for cell in cells))
     return "\n".join(lines)
 

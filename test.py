@@ -23,22 +23,17 @@ import logging
 import os
 
 import cv2
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from datasets import (DataError, EntryExpressions, FirstExpression, RefDataset, build_loader, clip_to_image,
-                      load_annotations)
-from models import DetectorCache
+from datasets import RefDataset, build_loader, load_annotations
 from utils import distributed as dist_utils
 from utils.checkpoint import evaluation_config, model_for_evaluation
 from utils.cli import run_main
 from utils.config import Config, ConfigError
-from utils.engine import prepare_batch
-from utils.evaluation import BASELINES, entry_boxes, evaluate_predictors, hits, model_boxes, text_blind_predictor
+from utils.evaluation import BASELINES, evaluate_predictors, model_boxes, text_blind_predictor
 from utils.logger import setup_logger
 from utils.paths import make_folder, prepare_output_file
+from utils.pseudo_label_export import check_export_config, export_pseudo_labels, pseudo_label_datasets
 from utils.visualize import evaluate_samples, evaluation_sheet, sample_across_images
 
 log = logging.getLogger("rec")
@@ -72,66 +67,6 @@ def eval_splits(cfg: Config, requested: str) -> list[str]:
     if cfg.EVAL_SPLITS:
         return list(cfg.EVAL_SPLITS)
     return [s for s in load_annotations(cfg.ann_path, cfg.DATASET) if s not in cfg.TRAIN_SPLIT.split("+")]
-
-
-def pseudo_label_boxes(model, dataset: RefDataset, cfg: Config,
-                       device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted ``[N, 4]`` x1, y1, x2, y2 boxes (original pixels, clipped to the image), one per
-    entry, from all of its expressions or its first (PSEUDO_LABEL_EXPRESSIONS); and ``[N]`` whether
-    each overlaps the entry's box in the file with IoU > 0.5."""
-    every = cfg.PSEUDO_LABEL_EXPRESSIONS == "all"
-    items = EntryExpressions(dataset) if every else FirstExpression(dataset)
-    boxes_of = entry_boxes if every else model_boxes
-    loader = DataLoader(items, batch_size=cfg.BATCH_SIZE, num_workers=cfg.NUM_WORKER)
-    boxes, agree = np.zeros((len(dataset), 4)), np.zeros(len(dataset), dtype=bool)
-    # In file order the entries of an image are next to each other: the detector runs once per image.
-    cache = DetectorCache(0)
-    for batch in tqdm(loader, desc="pseudo-labels", disable=not dist_utils.is_main(), leave=False):
-        batch = prepare_batch(model, batch, device, cfg.CHANNELS_LAST, cache, cfg.AMP, mean_std=(cfg.MEAN, cfg.STD))
-        pred = clip_to_image(boxes_of(model, batch, cfg.AMP, device), batch["info"])
-        index = batch["index"].cpu().numpy()
-        boxes[index] = pred.cpu().numpy()
-        agree[index] = hits(pred, batch["gt_box"]).cpu().numpy()
-    return boxes, agree
-
-
-def pseudo_label_datasets(cfg: Config) -> list[RefDataset]:
-    """One dataset per split of TRAIN_SPLIT; every entry must have its image, SKIP_BAD_IMAGES or not:
-    a pseudo-label file holds the entries of the original file, each with its box predicted."""
-    datasets = [RefDataset(cfg, split) for split in cfg.TRAIN_SPLIT.split("+")]
-    for dataset in datasets:
-        if dataset.skipped:
-            name, path = dataset.skipped[0]
-            raise DataError(f"{len(dataset.skipped)} entries of '{dataset.split}' in {cfg.ann_path} lack their image "
-                            f"(first: {name}, {path}); a pseudo-label file needs a prediction for every entry: "
-                            f"restore the images, or remove those entries from the annotation file")
-    return datasets
-
-
-def export_pseudo_labels(model, cfg: Config, device: torch.device, path: str,
-                         train_sets: list[RefDataset]) -> tuple[int, float]:
-    """Writes the annotation file with TRAIN_SPLIT's boxes replaced by predictions (RefCLIP's
-    pseudo-labels for training other REC models). Each training entry's box is predicted from its
-    expressions as PSEUDO_LABEL_EXPRESSIONS says; entries keep every other field, and the other
-    splits are copied unchanged. Returns the number of entries written and the percentage whose
-    pseudo-label overlaps the file's own box with IoU > 0.5 (the labels' quality, where the file
-    holds real training boxes). ``train_sets``: :func:`pseudo_label_datasets`. The file is replaced
-    only once written whole."""
-    data = load_annotations(cfg.ann_path, cfg.DATASET)
-    out = dict(data)
-    agree = []
-    for dataset in train_sets:
-        split = dataset.split
-        boxes, overlaps = pseudo_label_boxes(model, dataset, cfg, device)
-        out[split] = [dict(entry, bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)])
-                      for entry, (x1, y1, x2, y2) in zip(data[split], boxes)]
-        agree.append(overlaps)
-    prepare_output_file(path, "--export-pseudo-labels")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(out, f)
-    os.replace(path + ".tmp", path)
-    agree = np.concatenate(agree)
-    return agree.size, 100.0 * float(agree.mean())
 
 
 def visualize(model, dataset: RefDataset, cfg: Config, device: torch.device, count: int, folder: str) -> list[str]:
@@ -183,10 +118,8 @@ def main(args: argparse.Namespace) -> int:
         if args.baselines and not hasattr(model, "candidate_boxes"):
             raise ConfigError(f"--baselines choose among the detector's anchors, and MODEL.ARCH '{cfg.ARCH}' "
                               "ranks none: score them with the weak model's checkpoint")
-        if args.export_pseudo_labels and cfg.PSEUDO_LABEL_EXPRESSIONS == "all" and not getattr(
-                model, "ranks_anchors", False):
-            raise ConfigError("PSEUDO_LABEL_EXPRESSIONS: all sums the ranking of anchors over an entry's expressions, "
-                              "and this model regresses one box per expression: set PSEUDO_LABEL_EXPRESSIONS=first")
+        if args.export_pseudo_labels:
+            check_export_config(model, cfg)
         train_sets = pseudo_label_datasets(cfg) if args.export_pseudo_labels else []
         if cfg.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
@@ -213,10 +146,13 @@ def main(args: argparse.Namespace) -> int:
                 paths = visualize(model, next(iter(datasets.values())), cfg, device, args.visualize, folder)
                 print(f"visualizations: {max(len(paths) - 1, 0)} drawings and their contact sheet in {folder}")
             if args.export_pseudo_labels:
-                count, agree = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels,
-                                                   train_sets)
-                print(f"pseudo-labels: {count} training entries written to {args.export_pseudo_labels}; "
-                      f"{agree:.2f} % of them within IoU 0.5 of the file's own boxes")
+                # Only here, on the main process, over the whole training split: the entries of an
+                # image meet in one process, as the joint assignment needs.
+                summary = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels, train_sets)
+                moved = (f"; the joint assignment gave {summary.moved} of them another box than their own first "
+                         "choice" if cfg.PSEUDO_LABEL_ASSIGNMENT == "joint" else "")
+                print(f"pseudo-labels: {summary.count} training entries written to {args.export_pseudo_labels}; "
+                      f"{summary.agree:.2f} % of them within IoU 0.5 of the file's own boxes{moved}")
     finally:
         dist_utils.cleanup()
     return 0

@@ -22,7 +22,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets import DataError, RefDataset, build_loader, check_training_file, load_word_vectors
+from datasets import DataError, RefDataset, build_loader, check_training_file, load_word_vectors, training_entries
 from models import DetectorCache, build_model
 from utils import distributed as dist_utils
 from utils.checkpoint import (FORMAT, CheckpointMismatchError, check_model_config, config_from_checkpoint,
@@ -89,7 +89,12 @@ def train(args: argparse.Namespace, cfg: Config, device: torch.device, ckpt: dic
     if train_set.vocab != val_set.vocab:
         raise DataError(f"{cfg.train_ann_path} (TRAIN_ANN_PATH) and {cfg.ann_path} (ANN_PATH) give different "
                         "vocabularies: train on a file whose expressions are ANN_PATH's")
-    train_loader = build_loader(cfg, train_set, train=True, distributed=distributed)
+    train_items = training_entries(train_set, cfg.PSEUDO_LABEL_KEEP, cfg.PSEUDO_LABEL_WEIGHTING)
+    if train_items is not train_set:
+        log.info("training on %d of the %d entries of %s, those of largest margin (PSEUDO_LABEL_KEEP %g), %s",
+                 len(train_items), len(train_set), cfg.train_ann_path, cfg.PSEUDO_LABEL_KEEP,
+                 "weighted by margin rank" if cfg.PSEUDO_LABEL_WEIGHTING == "margin" else "unweighted")
+    train_loader = build_loader(cfg, train_items, train=True, distributed=distributed)
     val_loader = build_loader(cfg, val_set, train=False, distributed=distributed)
     vocab = train_set.vocab
     vectors = load_word_vectors(cfg, vocab, cfg.ann_path) if cfg.USE_GLOVE else None

@@ -117,9 +117,12 @@ class BoxHead(nn.Module):
         rank = cost.argsort(dim=1).argsort(dim=1)
         return (rank < k[:, None]) & candidate
 
-    def loss(self, raw: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{'loss', 'iou', 'obj', 'l1'}`` for raw outputs ``[B,H,W,5]`` and targets ``[B,4]``
-        (cx, cy, w, h divided by the input size), the parts unweighted."""
+        (cx, cy, w, h divided by the input size), the parts unweighted. ``weights`` ``[B]`` scale
+        each sample's terms (all three: a doubtful target misleads the objectness as much as the
+        box); the normalisation by the positive cells stays."""
         raw = raw.float()
         h, w = raw.shape[1:3]
         scale = raw.new_tensor([w, h, w, h]) * self.stride
@@ -137,13 +140,20 @@ class BoxHead(nn.Module):
         else:
             box_loss = generalized_box_iou_loss(box_convert(boxes, "cxcywh", "xyxy"),
                                                 box_convert(target_boxes, "cxcywh", "xyxy"))
-        box_loss = torch.where(positive, box_loss, 0).sum() / count
-        obj_loss = F.binary_cross_entropy_with_logits(objectness, positive.float(), reduction="sum") / count
         raw_target = torch.cat([target[:, None, :2] / self.stride - cells,
                                 torch.log(target[:, None, 2:] / self.stride + 1e-8).expand(-1, cells.shape[0], -1)],
                                dim=-1)
         l1 = (raw[..., :4].flatten(1, 2) - raw_target).abs().sum(dim=-1)
-        l1 = torch.where(positive, l1, 0).sum() / count
+        if weights is None:
+            box_loss = torch.where(positive, box_loss, 0).sum() / count
+            obj_loss = F.binary_cross_entropy_with_logits(objectness, positive.float(), reduction="sum") / count
+            l1 = torch.where(positive, l1, 0).sum() / count
+        else:
+            w = weights.float()[:, None]
+            box_loss = (torch.where(positive, box_loss, 0) * w).sum() / count
+            obj_loss = (F.binary_cross_entropy_with_logits(objectness, positive.float(), reduction="none")
+                        * w).sum() / count
+            l1 = (torch.where(positive, l1, 0) * w).sum() / count
         total = self.iou_weight * box_loss + obj_loss + self.l1_weight * l1
         return {"loss": total, "iou": box_loss, "obj": obj_loss, "l1": l1}
 

@@ -73,8 +73,9 @@ class Student(nn.Module):
     ``detections``, what :meth:`detect` gives for ``images``, skips the trunk (a
     :class:`DetectorCache` supplies them when the trunk is frozen).
 
-    Training (``targets`` ``[B,1,4]``: cx, cy, w, h divided by S): a dict with the scalar
-    ``'loss'`` and its parts (``iou``, ``obj``, ``l1``, see :class:`BoxHead`).
+    Training (``targets`` ``[B,1,4]``: cx, cy, w, h divided by S; optional ``weights`` ``[B]``, each
+    sample's loss weight): a dict with the scalar ``'loss'`` and its parts (``iou``, ``obj``, ``l1``,
+    see :class:`BoxHead`).
     Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels.
     """
 
@@ -114,7 +115,7 @@ class Student(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, refs: torch.Tensor, detections: tuple | None = None,
-                targets: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, weights: torch.Tensor | None = None):
         b = images.shape[0]
         if refs.dim() != 3 or refs.shape[0] != b:
             raise ValueError(f"refs must be [B={b}, expressions, tokens], got {tuple(refs.shape)}")
@@ -128,7 +129,7 @@ class Student(nn.Module):
         if targets is None or targets.shape != (b, 1, 4):
             shape = None if targets is None else tuple(targets.shape)
             raise ValueError(f"the student learns from boxes: training needs targets [B={b}, 1, 4], got {shape}")
-        return self.box_head.loss(raw, targets[:, 0])
+        return self.box_head.loss(raw, targets[:, 0], weights)
 
     def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The trunk's stride 32, 16 and 8 feature maps (the detection heads' inputs)."""

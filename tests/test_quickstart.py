@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,13 +64,29 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
         assert 0 <= low <= by_kind[split]["all"]["acc"] <= high <= 100
 
     # RefCLIP's scheme on the quickstart's weak model: pseudo-labels, the student on them and on the
-    # ground truth, one table and the breakdown by kind of expression.
-    scheme = _quickstart(tmp_path, "--student")
+    # ground truth, one table and the breakdown by kind of expression; here with two rounds of
+    # self-training and the switches of the export and of the students passed through.
+    scheme_args = ("--student", "--rounds", "2", "--export-overrides", "PSEUDO_LABEL_ASSIGNMENT=joint",
+                   "--student-overrides", "PSEUDO_LABEL_WEIGHTING=margin", "EPOCHS=2")
+    scheme = _quickstart(tmp_path, *scheme_args)
     assert scheme.returncode == 0, scheme.stdout[-3000:] + scheme.stderr[-3000:]
     last_line = scheme.stdout.strip().splitlines()[-1]
     assert last_line.startswith("results: ")
     table = json.loads(open(last_line[len("results: "):]).read())
-    assert set(table) == {"weak", "student_pseudo", "student_gt", "baselines", "by_kind"}
+    assert set(table) == {"weak", "student_pseudo", "student_gt", "baselines", "by_kind", "student_rounds"}
+    rounds = table["student_rounds"]
+    assert [row["round"] for row in rounds] == [1, 2] and rounds[0]["scores"] == table["student_pseudo"]
+    assert rounds[1]["labels"] == str(tmp_path / "logs_student" / "labels_round2.json")
+    assert all(0 <= row["labels_agree"] <= 100 for row in rounds) and "student, round 2" in scheme.stdout
+    assert "the joint assignment gave" in scheme.stdout
+    trained = {name: torch.load(tmp_path / "logs_student" / name / "last.pth", weights_only=True)
+               for name in ("student_pseudo", "student_round2", "student_gt")}
+    assert all(ckpt["epoch"] == 2 for ckpt in trained.values())
+    assert [ckpt["config"]["DATA"]["PSEUDO_LABEL_WEIGHTING"] for ckpt in trained.values()] == ["margin", "margin", "none"]
+    again = _quickstart(tmp_path, *scheme_args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== pseudo-labels: reusing" in again.stdout and "== train student_round2: reusing" in again.stdout
+    assert "--export-pseudo-labels" not in again.stdout
     assert table["weak"] == {split: results[split] for split in splits}
     for name in ("student_pseudo", "student_gt"):
         assert {split: row["n"] for split, row in table[name].items()} == {split: results[split]["n"] for split in splits}

@@ -171,6 +171,7 @@ def test_pseudo_labels_to_student_to_test_py(tiny):  # noqa: F811
         "--export-pseudo-labels", str(pseudo), *weak)
     data, labels = json.loads(open(ann).read()), json.loads(pseudo.read_text())
     assert [e["bbox"] for e in labels["train"]] != [e["bbox"] for e in data["train"]]
+    assert all("pseudo_margin" in e for e in labels["train"]) and "pseudo_margin" not in labels["val"][0]
 
     student = overrides(root, tiny, "ARCH=student", "NUM_REFS=1", "BOX_HEAD_CHANNELS=16", f"TRAIN_ANN_PATH={pseudo}",
                         logs="student")
@@ -189,10 +190,32 @@ def test_pseudo_labels_to_student_to_test_py(tiny):  # noqa: F811
     out = run("test.py", "--config", "config/refcoco.yaml", "--eval-weights", str(root / "student" / "best.pth"),
               "--baselines", *student, check=False)
     assert out.returncode == 2 and "weak model's checkpoint" in out.stderr and "Traceback" not in out.stderr
+    # Self-training: the student labels the training set (each entry from all of its expressions,
+    # with a margin), and a second student trains on the more decided half, weighted by margin.
     out = run("test.py", "--eval-weights", str(root / "student" / "best.pth"), "--export-pseudo-labels",
-              str(root / "from_student.json"), check=False)
-    assert out.returncode == 2 and "set PSEUDO_LABEL_EXPRESSIONS=first" in out.stderr and "Traceback" not in out.stderr
-    assert not (root / "from_student.json").exists()
+              str(root / "joint.json"), "PSEUDO_LABEL_ASSIGNMENT=joint", check=False)
+    assert out.returncode == 2 and "set PSEUDO_LABEL_ASSIGNMENT=independent" in out.stderr
+    assert "Traceback" not in out.stderr and not (root / "joint.json").exists()
+    from_student = root / "from_student.json"
+    out = run("test.py", "--eval-weights", str(root / "student" / "best.pth"), "--export-pseudo-labels",
+              str(from_student))
+    assert f"pseudo-labels: {len(data['train'])} training entries written" in out.stdout
+    relabelled = json.loads(from_student.read_text())
+    assert relabelled["val"] == data["val"] and all(-3 <= e["pseudo_margin"] <= 3 for e in relabelled["train"])
+    second = overrides(root, tiny, "ARCH=student", "NUM_REFS=1", "BOX_HEAD_CHANNELS=16", "EPOCHS=1",
+                       f"TRAIN_ANN_PATH={from_student}", "PSEUDO_LABEL_KEEP=0.5", "PSEUDO_LABEL_WEIGHTING=margin",
+                       logs="student_round2")
+    out = run("train.py", "--config", "config/refcoco.yaml", *second)
+    assert f"training on {len(data['train']) // 2} of the {len(data['train'])} entries" in out.stdout + out.stderr
+    assert weights(root / "student_round2" / "last.pth")["epoch"] == 1
+    # Boxes without margins (here the original file's) cannot be kept by margin: one line, before
+    # anything trains.
+    out = run("train.py", "--config", "config/refcoco.yaml", *overrides(
+        root, tiny, "ARCH=student", "NUM_REFS=1", "BOX_HEAD_CHANNELS=16", "PSEUDO_LABEL_KEEP=0.5", logs="no_margins"),
+        check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {ann} holds no pseudo_margin for entry train[0]")
+    assert not (root / "no_margins" / "last.pth").exists()
 
     prediction = root / "student_prediction.jsonl"
     run("predict.py", "--weights", str(root / "student" / "last.pth"), "--image", os.path.join(images, "3.jpg"),

@@ -53,6 +53,7 @@ from utils.engine import optimize, prepare_batch, rec_losses
 from utils.evaluation import evaluate
 from utils.ema import ModelEMA
 from utils.optim import Recipe, build_optimizer, build_scheduler
+from utils.pseudo_label_export import export_pseudo_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -256,14 +257,11 @@ def rehearse(args: argparse.Namespace, root: str) -> list[dict]:
                                     cfg.AMP)["acc"], 2)
         row["detector_images"] = detector.images
 
-    import test as evaluation_script  # test.py of this repository: the pseudo-label export
-    train_sets = evaluation_script.pseudo_label_datasets(cfg)
     detector.images = 0
     with stages.stage("export_train", entries=len(train_set),
                       images=len({e["iid"] for e in train_set.entries})) as row:
-        count, agree = evaluation_script.export_pseudo_labels(model, cfg, device, os.path.join(root, "pseudo.json"),
-                                                              train_sets)
-        row.update(written=count, detector_images=detector.images)
+        summary = export_pseudo_labels(model, cfg, device, os.path.join(root, "pseudo.json"), [train_set])
+        row.update(written=summary.count, detector_images=detector.images)
     return stages.rows
 
 

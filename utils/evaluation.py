@@ -2,7 +2,7 @@
 text-blind reference predictors, and Acc@0.5 over a loader (summed across DDP ranks)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -25,25 +25,61 @@ def model_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -
     return letterbox_to_original(boxes[:, 0, :4].float(), batch["info"])
 
 
+class EntryVotes(NamedTuple):
+    """What :func:`entry_votes` gives for a batch of B entries over K candidates."""
+    votes: torch.Tensor  # [B, K] each candidate's similarities to the entry's own expressions, summed
+    log_probs: torch.Tensor  # [B, K] the same with each expression's similarities log-softmaxed over K
+    boxes: torch.Tensor  # [B, K, 4] the candidates' x1, y1, x2, y2 in original pixels
+
+
 @torch.no_grad()
-def entry_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
-    """One box ``[B,4]`` (x1, y1, x2, y2, original pixels) per entry, decided by all of its
-    expressions: ``batch['refs']`` ``[B,E,T]`` of which the first ``batch['count']`` are the entry's
-    own. Each candidate anchor's similarities to them are summed and the best candidate taken: the
-    ranking of the product of the per-expression softmax distributions, so that an expression the
-    model reads well outvotes one it reads badly. The model must rank anchors (``REC.rank``)."""
+def entry_votes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> EntryVotes:
+    """Every candidate anchor's vote from all of an entry's expressions: ``batch['refs']`` ``[B,E,T]``
+    of which the first ``batch['count']`` are the entry's own. The model must rank anchors
+    (``REC.rank``). ``votes`` and ``log_probs`` differ per entry by a constant (each expression's
+    log-sum-exp), so they rank an entry's candidates alike, and differences between two candidates
+    are the same in both; ``log_probs`` also compare across entries (log-probabilities)."""
     net = unwrap_model(model)
     refs = batch["refs"]
     own = torch.arange(refs.shape[1], device=refs.device)[None] < batch["count"][:, None]  # [B, E]
     with autocast(device, amp):
         detections = batch["detections"] if "detections" in batch else net.detect(batch["image"])
         total = torch.zeros((), device=refs.device)
+        log_probs = torch.zeros((), device=refs.device)
         for e in range(refs.shape[1]):
             similarities, candidates = net.rank(batch["image"], refs[:, e:e + 1], detections)  # [B,K], [B,K,5]
             total = total + similarities.float() * own[:, e:e + 1]
-    best = total.argmax(dim=1)
-    boxes = candidates[torch.arange(best.shape[0], device=best.device), best, :4].float()
-    return letterbox_to_original(boxes, batch["info"])
+            log_probs = log_probs + similarities.float().log_softmax(dim=1) * own[:, e:e + 1]
+    b, k = candidates.shape[:2]
+    boxes = letterbox_to_original(candidates[..., :4].float().reshape(b * k, 4), batch["info"].repeat_interleave(k, 0))
+    return EntryVotes(total, log_probs, boxes.view(b, k, 4))
+
+
+@torch.no_grad()
+def entry_boxes(model: nn.Module, batch: dict, amp: str, device: torch.device) -> torch.Tensor:
+    """One box ``[B,4]`` (x1, y1, x2, y2, original pixels) per entry, decided by all of its
+    expressions (:func:`entry_votes`): the candidate whose similarities to them sum highest, the
+    ranking of the product of the per-expression softmax distributions, so that an expression the
+    model reads well outvotes one it reads badly."""
+    votes = entry_votes(model, batch, amp, device)
+    best = votes.votes.argmax(dim=1)
+    return votes.boxes[torch.arange(best.shape[0], device=best.device), best]
+
+
+@torch.no_grad()
+def expression_answers(model: nn.Module, batch: dict, amp: str, device: torch.device) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The model's answer to each expression of ``batch['refs']`` ``[B,E,T]`` on its own, as
+    evaluation gives it: boxes ``[B,E,4]`` (x1, y1, x2, y2, original pixels) and their confidence
+    ``[B,E]`` (the answer's fifth number: a box head's objectness, the detector's for a ranked
+    anchor)."""
+    boxes, scores = [], []
+    for e in range(batch["refs"].shape[1]):
+        with autocast(device, amp):
+            answer = model(batch["image"], batch["refs"][:, e:e + 1], batch.get("detections"))
+        boxes.append(letterbox_to_original(answer[:, 0, :4].float(), batch["info"]))
+        scores.append(answer[:, 0, 4].float())
+    return torch.stack(boxes, dim=1), torch.stack(scores, dim=1)
 
 
 def gt_xyxy(gt_box: torch.Tensor) -> torch.Tensor:
