@@ -2,7 +2,9 @@
 again with CMA_CONDITION=query), FNS+ER (the quickstart's model); then APL's parts on RefCLIP:
 +position, +colour, +category prompts, +recon(struction), +alignment, all of them (apl), and all of
 them on the quickstart's model (apl+fns+er); the last two again with every quirk of APL's code switched to
-the intended computation (apl-intended, apl+fns+er-intended).
+the intended computation (apl-intended, apl+fns+er-intended); and beyond the published methods, the
+quickstart's model with the anchor geometry, the within-image referent contrast, and both
+(fns+er+geometry, fns+er+referent, fns+er+geometry+referent).
 
     python -m tools.ablation --config config/synthetic/quickstart.yaml [KEY=VALUE ...]
 
@@ -40,6 +42,9 @@ APL_OFF = ["APL_POSITION_PROMPT=false", "APL_COLOUR_PROMPT=false", "APL_CATEGORY
 APL_INTENDED = ["APL_UNNORMALIZE=per_channel", "APL_COLOUR_EMPTY_BOX=one_pixel", "APL_TAG_WORDS=tokens",
                 "APL_POSITION_SIDE=0", "APL_SCATTER_ORDER=grid", "APL_RECON_ANCHOR=own", "APL_HEAD_OBJ_PRIOR=0.01",
                 "APL_BURN_IN_COUNT=training_steps"]
+# Beyond the published methods (docs/referents.md): an image's entries batched together, its
+# referents kept off each other's anchor.
+REFERENTS = ["GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0"]
 VARIANTS = {
     "refclip": [*APL_OFF, *REFCLIP],
     "+cma": [*APL_OFF, "USE_CMA=true", "CMA_CONDITION=own", "NUM_REFS=1", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0"],
@@ -58,6 +63,9 @@ VARIANTS = {
     "+alignment": [*APL_OFF, *REFCLIP, "APL_ALIGNMENT=true"],
     "apl": [*REFCLIP, *APL_ON],
     "apl+fns+er": [*DEMO, *APL_ON],
+    "fns+er+geometry": [*APL_OFF, *DEMO, "ANCHOR_GEOMETRY=true"],
+    "fns+er+referent": [*APL_OFF, *DEMO, *REFERENTS],
+    "fns+er+geometry+referent": [*APL_OFF, *DEMO, "ANCHOR_GEOMETRY=true", *REFERENTS],
     "apl-intended": [*REFCLIP, *APL_ON, *APL_INTENDED],
     "apl+fns+er-intended": [*DEMO, *APL_ON, *APL_INTENDED],
 }
