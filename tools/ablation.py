@@ -3,8 +3,9 @@ again with CMA_CONDITION=query), FNS+ER (the quickstart's model); then APL's par
 +position, +colour, +category prompts, +recon(struction), +alignment, all of them (apl), and all of
 them on the quickstart's model (apl+fns+er); the last two again with every quirk of APL's code switched to
 the intended computation (apl-intended, apl+fns+er-intended); and beyond the published methods, the
-quickstart's model with the anchor geometry, the within-image referent contrast, and both
-(fns+er+geometry, fns+er+referent, fns+er+geometry+referent).
+quickstart's model with the anchor geometry, the within-image referent contrast, both, the
+co-referent agreement, and all three (fns+er+geometry, fns+er+referent, fns+er+geometry+referent,
+fns+er+agreement, fns+er+geometry+referent+agreement).
 
     python -m tools.ablation --config config/synthetic/quickstart.yaml [KEY=VALUE ...]
 
@@ -66,6 +67,9 @@ VARIANTS = {
     "fns+er+geometry": [*APL_OFF, *DEMO, "ANCHOR_GEOMETRY=true"],
     "fns+er+referent": [*APL_OFF, *DEMO, *REFERENTS],
     "fns+er+geometry+referent": [*APL_OFF, *DEMO, "ANCHOR_GEOMETRY=true", *REFERENTS],
+    "fns+er+agreement": [*APL_OFF, *DEMO, "AGREEMENT_WEIGHT=0.1"],
+    "fns+er+geometry+referent+agreement": [*APL_OFF, *DEMO, "ANCHOR_GEOMETRY=true", *REFERENTS,
+                                           "AGREEMENT_WEIGHT=0.1"],
     "apl-intended": [*REFCLIP, *APL_ON, *APL_INTENDED],
     "apl+fns+er-intended": [*DEMO, *APL_ON, *APL_INTENDED],
 }
