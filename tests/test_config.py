@@ -93,7 +93,8 @@ def test_config_files_follow_the_naming_scheme():
     expected = {"base.yaml", *(f"{dataset}.yaml" for dataset in DATASETS),
                 *(path for paths in folders.values() for path in paths),
                 *(f"{method}/README.md" for method in folders),
-                "synthetic/quickstart.yaml", "synthetic/apl.yaml", "synthetic/student.yaml", "synthetic/README.md"}
+                "synthetic/quickstart.yaml", "synthetic/apl.yaml", "synthetic/student.yaml", "synthetic/referents.yaml",
+                "synthetic/README.md"}
     assert found == expected
 
 
