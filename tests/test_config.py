@@ -200,7 +200,8 @@ def test_every_ablation_row_is_a_valid_config_and_rows_differ():
     keys = ("USE_CMA", "CMA_CONDITION", "NUM_REFS", "FNS_WEIGHT", "ER_WEIGHT", "APL_POSITION_PROMPT",
             "APL_COLOUR_PROMPT", "APL_CATEGORY_PROMPT", "APL_RECON_WEIGHT", "APL_ALIGNMENT", "APL_UNNORMALIZE",
             "APL_COLOUR_EMPTY_BOX", "APL_TAG_WORDS", "APL_POSITION_SIDE", "APL_SCATTER_ORDER", "APL_RECON_ANCHOR",
-            "APL_HEAD_OBJ_PRIOR", "APL_BURN_IN_COUNT")
+            "APL_HEAD_OBJ_PRIOR", "APL_BURN_IN_COUNT", "GROUP_BY_IMAGE", "REFERENT_WEIGHT", "AGREEMENT_WEIGHT",
+            "ANCHOR_GEOMETRY")
     settings = {name: tuple(cfg[key] for key in keys) for name, cfg in loaded.items()}
     assert len(set(settings.values())) == len(settings), "two ablation rows train the same model"
     demo = load_config("config/synthetic/quickstart.yaml")
