@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 
 
 class AnchorGeometry(nn.Module):
@@ -24,6 +25,5 @@ class AnchorGeometry(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, boxes: torch.Tensor, side: int) -> torch.Tensor:
-        x1, y1, x2, y2 = boxes[..., :4].float().unbind(-1)
-        geometry = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1) / side
+        geometry = box_convert(boxes[..., :4].float(), "xyxy", "cxcywh") / side
         return self.mlp(geometry.to(self.mlp[0].weight.dtype))
