@@ -16,6 +16,7 @@ from .detector_cache import Detections
 from .fusion import MultiScaleFusion
 from .geometry import AnchorGeometry
 from .language_encoder import LanguageEncoder
+from .position_words import PositionWords
 from .loss import own_image, rec_loss
 
 
@@ -27,8 +28,9 @@ class REC(nn.Module):
     Training: a dict with the scalar ``'loss'`` and its parts (``ce``, ``fns``, ``er``, ``referent``,
     ``agreement``; APL's ``recon``, ``align``, ``align_iou``, ``align_obj``, ``align_l1``).
     Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels, the
-    best-ranked candidate (:meth:`rank`) for the first expression of each sample (with APL's
-    alignment head and APL_ALIGN_PREDICT, the head's most confident box).
+    best-ranked candidate (:meth:`rank`) for the first expression of each sample (with
+    POSITION_WORDS, :class:`PositionWords` decides between the plausible ones; with APL's alignment
+    head and APL_ALIGN_PREDICT, the head's most confident box).
     """
 
     def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int,
@@ -59,6 +61,11 @@ class REC(nn.Module):
                     if cfg.USE_CMA else None)
         self.cma_pairwise = cfg.CMA_CONDITION == "query"
         self.geometry = AnchorGeometry(hidden) if cfg.ANCHOR_GEOMETRY else None
+        self.position_words = None
+        if cfg.POSITION_WORDS == "lexicon":
+            if vocab is None:
+                raise ValueError("POSITION_WORDS: lexicon needs the vocabulary (build_model(..., vocab=))")
+            self.position_words = PositionWords(vocab, cfg.POSITION_TOLERANCE)
         # APL (models/apl.py, models/alignment.py): prompts fused into the anchor embeddings, a
         # reconstruction loss, a box head trained on the model's own answers.
         self.prompts = None
@@ -93,7 +100,8 @@ class REC(nn.Module):
             if not self.ranks_anchors:
                 return self.alignment.decode(self._align(self._embed(images, refs[:, :1], detections, False)))
             similarities, candidates = self.rank(images, refs, detections)
-            best = similarities.argmax(dim=1)
+            best = (similarities.argmax(dim=1) if self.position_words is None
+                    else self.position_words.choose(similarities, candidates, refs[:, 0]))
             return candidates[torch.arange(candidates.shape[0], device=best.device), best][:, None]
         if images.shape[0] < 2:
             raise ValueError(f"training needs at least 2 samples per batch (got {images.shape[0]}): the "

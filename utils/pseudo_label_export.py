@@ -8,7 +8,8 @@ its first expression alone). Its box comes from:
   expressions are summed (:func:`utils.evaluation.entry_votes`). With PSEUDO_LABEL_ASSIGNMENT
   'independent' the best candidate is the label; with 'joint' the entries of one image are solved
   together (:func:`assign_image`), so that two referents of an image do not get the same box while
-  another is available;
+  another is available. With POSITION_WORDS 'lexicon', an entry whose expressions say where it is
+  has its plausible candidates ordered by position first (:mod:`models.position_words`);
 - a model that regresses its box (the student, APL's head answering): each expression's answer, the
   label being the answer that agrees most with the others' (:func:`agreement_labels`).
 
@@ -37,8 +38,10 @@ from tqdm import tqdm
 
 from datasets import DataError, EntryExpressions, FirstExpression, RefDataset, clip_to_image, load_annotations
 from datasets.pseudo_labels import MARGIN_FIELD
+from datasets.tokens import tokenize
 from models.box_head import aligned_iou
 from models.detector_cache import DetectorCache
+from models.position_words import direction, reorder
 
 from . import distributed as dist_utils
 from .config import Config, ConfigError
@@ -64,7 +67,8 @@ def vote_margins(votes: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor)
     return votes[rows, chosen] - rival
 
 
-def assign_image(scores: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def assign_image(scores: np.ndarray, boxes: np.ndarray, towards: np.ndarray | None = None,
+                 tolerance: np.ndarray | None = None) -> np.ndarray:
     """The candidate each of the ``n`` entries of one image gets, ``[n]``, from their scores ``[n,K]``
     (log-probabilities, so that entries compare) and the candidates' boxes ``[n,K,4]`` (x1, y1, x2,
     y2; the entries of one image share the detector's candidates, up to rounding).
@@ -72,7 +76,10 @@ def assign_image(scores: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     The image's candidate boxes are merged into distinct boxes, greedily as non-maximum suppression
     does: the best-scored box not yet merged takes every other unmerged box overlapping it with IoU
     > :data:`MERGE_IOU`. An entry's score for a merged box is its best score among the box's
-    members. The assignment of distinct boxes to entries that maximises the summed score
+    members. Where ``towards`` ``[n,2]`` gives an entry a direction (its position words), its scores
+    of the merged boxes within ``tolerance`` ``[n]`` of its best are handed out again along it
+    (:func:`models.position_words.reorder`; a merged box is where its best-scored member is). The
+    assignment of distinct boxes to entries that maximises the summed score
     (``scipy.optimize.linear_sum_assignment``) gives each entry its box, and within it the entry's
     best member; where the image has more entries than distinct boxes, those left over take their
     own best."""
@@ -80,18 +87,24 @@ def assign_image(scores: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     flat_scores, flat_boxes = scores.reshape(-1), torch.as_tensor(boxes.reshape(-1, 4), dtype=torch.float64)
     overlap = (box_iou(flat_boxes, flat_boxes) > MERGE_IOU).numpy()
     group = np.full(n * k, -1)
-    groups = 0
+    leaders = []
     for leader in np.argsort(-flat_scores, kind="stable"):
         if group[leader] < 0:
-            group[(group < 0) & overlap[leader]] = groups
-            group[leader] = groups  # a box without area overlaps nothing, itself included
-            groups += 1
+            group[(group < 0) & overlap[leader]] = len(leaders)
+            group[leader] = len(leaders)  # a box without area overlaps nothing, itself included
+            leaders.append(leader)
+    groups = len(leaders)
     best = np.full((n, groups), -np.inf)
     member = np.zeros((n, groups), dtype=np.int64)
     for flat in np.argsort(flat_scores, kind="stable"):  # ascending: each entry's best member written last
         entry, candidate = divmod(int(flat), k)
         best[entry, group[flat]] = flat_scores[flat]
         member[entry, group[flat]] = candidate
+    if towards is not None:
+        centres = (flat_boxes[leaders, :2] + flat_boxes[leaders, 2:]) / 2
+        for entry in np.flatnonzero(np.any(towards != 0, axis=1)):
+            best[entry] = reorder(torch.from_numpy(best[entry]), centres, torch.from_numpy(towards[entry]),
+                                  float(tolerance[entry])).numpy()
     own_best = best.argmax(axis=1)
     finite = np.isfinite(best)
     # An entry with no candidate in a merged box must not get it: far below every real score.
@@ -103,16 +116,19 @@ def assign_image(scores: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return member[np.arange(n), assigned]
 
 
-def assign_jointly(iids: Sequence[int], scores: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def assign_jointly(iids: Sequence[int], scores: np.ndarray, boxes: np.ndarray, towards: np.ndarray | None = None,
+                   tolerance: np.ndarray | None = None) -> np.ndarray:
     """:func:`assign_image` for every image: the candidate ``[N]`` of each of N entries, their image
-    ids ``iids``, scores ``[N,K]`` and candidate boxes ``[N,K,4]``; the entries of an image need not
-    be next to each other."""
+    ids ``iids``, scores ``[N,K]``, candidate boxes ``[N,K,4]`` and optional directions ``[N,2]`` and
+    tolerances ``[N]``; the entries of an image need not be next to each other."""
     by_image: dict[int, list[int]] = defaultdict(list)
     for index, iid in enumerate(iids):
         by_image[iid].append(index)
     chosen = np.zeros(len(iids), dtype=np.int64)
     for entries in by_image.values():
-        chosen[entries] = assign_image(scores[entries], boxes[entries])
+        chosen[entries] = assign_image(scores[entries], boxes[entries],
+                                       None if towards is None else towards[entries],
+                                       None if tolerance is None else tolerance[entries])
     return chosen
 
 
@@ -196,10 +212,20 @@ def pseudo_labels(model: nn.Module, dataset: RefDataset, cfg: Config, device: to
     if ranks:
         first_choice = part["votes"].argmax(dim=1)
         chosen = first_choice
+        scores, candidates = part["log_probs"].double().numpy(), part["candidates"].double().numpy()
+        towards = tolerance = None
+        if cfg.POSITION_WORDS == "lexicon":
+            own = [entry["refs"] if every else entry["refs"][:1] for entry in dataset.entries]
+            towards = np.array([direction(w for text in refs for w in tokenize(text)) for refs in own])
+            tolerance = cfg.POSITION_TOLERANCE * np.array([len(refs) for refs in own], dtype=np.float64)
         if cfg.PSEUDO_LABEL_ASSIGNMENT == "joint":
-            chosen = torch.from_numpy(assign_jointly([entry["iid"] for entry in dataset.entries],
-                                                     part["log_probs"].double().numpy(),
-                                                     part["candidates"].double().numpy()))
+            chosen = torch.from_numpy(assign_jointly([entry["iid"] for entry in dataset.entries], scores, candidates,
+                                                     towards, tolerance))
+        elif towards is not None:
+            chosen = first_choice.clone()
+            for e in np.flatnonzero(np.any(towards != 0, axis=1)):
+                chosen[e] = int(assign_image(scores[e:e + 1], candidates[e:e + 1], towards[e:e + 1],
+                                             tolerance[e:e + 1])[0])
         boxes = part["candidates"][rows, chosen]
         margins = vote_margins(part["votes"], part["candidates"], chosen)
         moved = (chosen != first_choice) & (aligned_iou(boxes, part["candidates"][rows, first_choice]) <= MERGE_IOU)
