@@ -10,7 +10,7 @@ import torch
 
 from models import build_model
 from models.reference_keys import reference_state_dict
-from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
+from test_pipeline import overrides, run
 from utils import checkpoint as ckpt_utils
 from utils.cli import run_main
 from utils.config import load_config

@@ -25,7 +25,7 @@ import train
 from datasets import check_training_file, image_size, letterbox_image, read_image
 from models import build_model
 from models.reference_keys import detector_weight_file_state_dict
-from test_pipeline import overrides, tiny  # noqa: F401  (the module-scoped dataset fixture)
+from test_pipeline import overrides
 from utils.checkpoint import load_checkpoint, prepare_run_folder
 from utils.cli import USER_ERRORS, run_main
 from utils.config import ConfigError, config_from_dict

@@ -13,7 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.ops import box_iou
 
-from tiny_data import make_tiny_dataset, tiny_cli_overrides
+from tiny_data import tiny_cli_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,13 +25,6 @@ def run(script, *args, check=True, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    ann, images = make_tiny_dataset(str(root))
-    return root, ann, images
 
 
 def overrides(root, tiny, *extra, logs="logs"):

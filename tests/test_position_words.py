@@ -7,8 +7,8 @@ import torch
 from datasets import RefDataset, build_loader
 from models import build_model
 from models.position_words import PositionWords, direction, reorder
-from tiny_data import make_tiny_dataset, tiny_cli_overrides
-from utils.config import ConfigError, load_config
+from tiny_data import tiny_config
+from utils.config import ConfigError
 from utils.engine import prepare_batch
 from utils.pseudo_label_export import assign_image, pseudo_labels
 
@@ -85,21 +85,8 @@ def test_joint_assignment_gives_the_left_referent_the_left_box():
     assert assign_image(scores[:1], boxes[:1], towards[:1], np.full(1, 0.1)).tolist() == [2]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("position_words")
-    ann, images = make_tiny_dataset(str(root))
-    return root, ann, images
-
-
-def _config(tiny, *extra):
-    root, ann, images = tiny
-    return load_config("config/synthetic/quickstart.yaml",
-                       [*tiny_cli_overrides(str(root), ann, images), "DROPOUT_R=0.0", *extra])
-
-
 def test_the_model_answers_by_the_rule_and_reads_the_same_checkpoints(tiny):
-    plain_cfg, cfg = _config(tiny), _config(tiny, "POSITION_WORDS=lexicon", "POSITION_TOLERANCE=2.0")
+    plain_cfg, cfg = tiny_config(tiny), tiny_config(tiny, "POSITION_WORDS=lexicon", "POSITION_TOLERANCE=2.0")
     dataset = RefDataset(cfg, "val")
     torch.manual_seed(0)
     plain = build_model(plain_cfg, None, len(dataset.vocab), dataset.vocab).eval()
@@ -127,7 +114,7 @@ def test_the_model_answers_by_the_rule_and_reads_the_same_checkpoints(tiny):
 
 
 def test_the_export_orders_each_entrys_plausible_boxes_by_its_words(tiny):
-    cfg = _config(tiny, "POSITION_TOLERANCE=2.0")
+    cfg = tiny_config(tiny, "POSITION_TOLERANCE=2.0")
     dataset = RefDataset(cfg, "train")
     torch.manual_seed(0)
     model = build_model(cfg, None, len(dataset.vocab), dataset.vocab).eval()
@@ -151,4 +138,4 @@ def test_the_lexicon_needs_a_model_that_ranks_anchors(tiny):
     for extra in (("ARCH=student",), ("APL_ALIGNMENT=true", "APL_ALIGN_PREDICT=true")):
         with pytest.raises(ConfigError, match="POSITION_WORDS orders the candidates of a model that ranks anchors.*"
                                               "set POSITION_WORDS=none"):
-            _config(tiny, "POSITION_WORDS=lexicon", *extra)
+            tiny_config(tiny, "POSITION_WORDS=lexicon", *extra)

@@ -11,7 +11,7 @@ from torchvision.ops import clip_boxes_to_image
 
 import predict
 from datasets import DataError, EntryExpressions, FirstExpression, RefDataset
-from test_pipeline import overrides, run, tiny  # noqa: F401  (the module-scoped dataset fixture)
+from test_pipeline import overrides, run
 from utils.config import ConfigError
 from utils.engine import to_device
 from utils.evaluation import entry_boxes, model_boxes as evaluation_predict

@@ -11,7 +11,7 @@ from datasets.loader import EpochSampler, pack_groups
 from models import build_model
 from models.loss import (contrastive_loss, coreferent_agreement, equivariant_regularization, rec_loss,
                          referent_contrast)
-from tiny_data import make_tiny_dataset, tiny_cli_overrides
+from tiny_data import tiny_cli_overrides, tiny_config
 from utils.config import ConfigError, load_config
 from utils.engine import prepare_batch, rec_losses
 
@@ -75,21 +75,8 @@ def test_grouped_sampler_visits_every_entry_once_and_resumes_exactly(world_size)
     assert sorted(small) == list(range(length))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("referents")
-    ann, images = make_tiny_dataset(str(root))
-    return root, ann, images
-
-
-def _config(tiny, *extra):
-    root, ann, images = tiny
-    return load_config("config/synthetic/quickstart.yaml",
-                       [*tiny_cli_overrides(str(root), ann, images), "DROPOUT_R=0.0", *extra])
-
-
 def test_grouped_loader_batches_the_entries_of_an_image_together(tiny):
-    cfg = _config(tiny, "GROUP_BY_IMAGE=true", "BATCH_SIZE=4")
+    cfg = tiny_config(tiny, "GROUP_BY_IMAGE=true", "BATCH_SIZE=4")
     dataset = RefDataset(cfg, "train")
     per_image = {}
     for entry in dataset.entries:
@@ -151,7 +138,7 @@ PASSES = 4
 
 
 def test_the_referent_contrast_falls_on_a_tiny_dataset(tiny):
-    cfg = _config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ANCHOR_GEOMETRY=true", "NUM_REFS=1",
+    cfg = tiny_config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ANCHOR_GEOMETRY=true", "NUM_REFS=1",
                   "BATCH_SIZE=4", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0")
     dataset = RefDataset(cfg, "train")
     torch.manual_seed(0)
@@ -179,8 +166,8 @@ def test_the_referent_contrast_falls_on_a_tiny_dataset(tiny):
 
 
 def test_anchor_geometry_starts_as_the_model_without_it(tiny):
-    plain_cfg = _config(tiny)
-    cfg = _config(tiny, "ANCHOR_GEOMETRY=true")
+    plain_cfg = tiny_config(tiny)
+    cfg = tiny_config(tiny, "ANCHOR_GEOMETRY=true")
     dataset = RefDataset(cfg, "val")
     torch.manual_seed(0)
     plain = build_model(plain_cfg, None, len(dataset.vocab), dataset.vocab).eval()
@@ -199,11 +186,11 @@ def test_anchor_geometry_starts_as_the_model_without_it(tiny):
 
 def test_the_switches_are_checked(tiny):
     with pytest.raises(ConfigError, match="REFERENT_WEIGHT needs GROUP_BY_IMAGE"):
-        _config(tiny, "REFERENT_WEIGHT=1.0")
+        tiny_config(tiny, "REFERENT_WEIGHT=1.0")
     with pytest.raises(ConfigError, match="REFERENT_WEIGHT is a loss of the weak model"):
-        _config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ARCH=student")
+        tiny_config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ARCH=student")
     with pytest.raises(ConfigError, match="AGREEMENT_WEIGHT needs NUM_REFS of 2 or more"):
-        _config(tiny, "AGREEMENT_WEIGHT=1.0", "NUM_REFS=1")
+        tiny_config(tiny, "AGREEMENT_WEIGHT=1.0", "NUM_REFS=1")
 
 
 @pytest.mark.parametrize("config, extra", [

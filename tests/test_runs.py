@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pretrain
-from test_pipeline import ROOT, _logged_step, overrides, run, tiny, weights  # noqa: F401  (module-scoped fixture)
+from test_pipeline import ROOT, _logged_step, overrides, run, weights
 from test_pretrain import _overrides as detector_overrides, data  # noqa: F401  (module-scoped fixture)
 from utils.checkpoint import CheckpointMismatchError, save_atomic
 from utils.config import ConfigError

@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 from datasets import DataError, RefDataset, build_loader, check_training_file
 from models import build_model
 from models.box_head import BoxHead
-from test_pipeline import overrides, run, tiny, weights  # noqa: F401  (the module-scoped dataset fixture)
+from test_pipeline import overrides, run, weights
 from tiny_data import make_tiny_dataset
 from utils.checkpoint import load_matching
 from utils.config import ConfigError, load_config

@@ -7,6 +7,8 @@ import os
 import cv2
 import numpy as np
 
+from utils.config import Config, load_config
+
 COLOURS = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}
 
 
@@ -52,3 +54,11 @@ def tiny_cli_overrides(root: str, ann: str, image_dir: str) -> list[str]:
             "N_SA=1", "SELECT_NUM=3", "WORD_EMBED_SIZE=8", "USE_GLOVE=false", "MAX_TOKEN=4", "CLASS_NUM=2",
             "PRETRAIN_WEIGHT=none", "BATCH_SIZE=4", "NUM_WORKER=0", "EPOCHS=2", "WARMUP=1", "LR=0.001",
             "PRINT_FREQ=2", f"LOG_PATH={root}/logs"]
+
+
+def tiny_config(tiny: tuple, *extra: str) -> Config:
+    """The quickstart's config on the tiny dataset (the ``tiny`` fixture) and the tiny model, without
+    dropout (so that two models built alike answer alike), with ``extra`` overrides."""
+    root, ann, images = tiny
+    return load_config("config/synthetic/quickstart.yaml",
+                       [*tiny_cli_overrides(str(root), ann, images), "DROPOUT_R=0.0", *extra])
