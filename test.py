@@ -149,8 +149,10 @@ def main(args: argparse.Namespace) -> int:
                 # Only here, on the main process, over the whole training split: the entries of an
                 # image meet in one process, as the joint assignment needs.
                 summary = export_pseudo_labels(model, cfg, device, args.export_pseudo_labels, train_sets)
-                moved = (f"; the joint assignment gave {summary.moved} of them another box than their own first "
-                         "choice" if cfg.PSEUDO_LABEL_ASSIGNMENT == "joint" else "")
+                deciders = [name for name, on in (("the joint assignment", cfg.PSEUDO_LABEL_ASSIGNMENT == "joint"),
+                                                  ("the position words", cfg.POSITION_WORDS == "lexicon")) if on]
+                moved = (f"; {' and '.join(deciders)} gave {summary.moved} of them another box than their own "
+                         "first choice" if deciders else "")
                 print(f"pseudo-labels: {summary.count} training entries written to {args.export_pseudo_labels}; "
                       f"{summary.agree:.2f} % of them within IoU 0.5 of the file's own boxes{moved}")
     finally:

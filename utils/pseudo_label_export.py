@@ -59,7 +59,7 @@ def vote_margins(votes: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor)
     """``[N]``: each entry's vote for its label, candidate ``chosen`` ``[N]``, minus the best vote of a
     candidate whose box overlaps the label's with IoU <= :data:`MERGE_IOU` (``votes`` ``[N,K]``,
     ``boxes`` ``[N,K,4]`` x1, y1, x2, y2); ``inf`` where no candidate differs from the label.
-    Negative where the label is not the entry's own first choice (a joint assignment moved it)."""
+    Negative where the label is not the entry's own first choice (the joint assignment or the position words moved it)."""
     rows = torch.arange(votes.shape[0])
     label = boxes[rows, chosen]
     distinct = aligned_iou(boxes, label[:, None].expand_as(boxes)) <= MERGE_IOU
@@ -161,8 +161,8 @@ def agreement_labels(boxes: torch.Tensor, scores: torch.Tensor, counts: torch.Te
 class PseudoLabels:
     """One split's labels: ``boxes`` ``[N,4]`` x1, y1, x2, y2 (original pixels, clipped to the image),
     ``margins`` ``[N]`` (``inf``: no rival box), whether each overlaps the entry's box in the file
-    with IoU > 0.5 (``agree``), and whether the joint assignment moved it off the entry's own first
-    choice (``moved``)."""
+    with IoU > 0.5 (``agree``), and whether the joint assignment or the position words moved it off
+    the entry's own first choice (``moved``)."""
     boxes: np.ndarray
     margins: np.ndarray
     agree: np.ndarray
@@ -254,7 +254,8 @@ def pseudo_label_datasets(cfg: Config) -> list[RefDataset]:
 class ExportSummary:
     """What an export wrote: ``count`` training entries, the percentage ``agree`` of them within IoU
     0.5 of the file's own boxes (the labels' quality, where the file holds real training boxes), and
-    how many the joint assignment gave another box than the entry's own first choice (``moved``)."""
+    how many the joint assignment or the position words gave another box than the entry's own first
+    choice (``moved``)."""
     count: int
     agree: float
     moved: int
