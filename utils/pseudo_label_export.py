@@ -59,7 +59,8 @@ def vote_margins(votes: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor)
     """``[N]``: each entry's vote for its label, candidate ``chosen`` ``[N]``, minus the best vote of a
     candidate whose box overlaps the label's with IoU <= :data:`MERGE_IOU` (``votes`` ``[N,K]``,
     ``boxes`` ``[N,K,4]`` x1, y1, x2, y2); ``inf`` where no candidate differs from the label.
-    Negative where the label is not the entry's own first choice (the joint assignment or the position words moved it)."""
+    Negative where the label is not the entry's own first choice (the joint assignment or the
+    position words moved it)."""
     rows = torch.arange(votes.shape[0])
     label = boxes[rows, chosen]
     distinct = aligned_iou(boxes, label[:, None].expand_as(boxes)) <= MERGE_IOU
