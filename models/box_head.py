@@ -17,6 +17,7 @@ sample means no cell is claimed twice, so the assignment is a few batched tensor
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -157,11 +158,14 @@ class BoxHead(nn.Module):
         total = self.iou_weight * box_loss + obj_loss + self.l1_weight * l1
         return {"loss": total, "iou": box_loss, "obj": obj_loss, "l1": l1}
 
-    def decode(self, raw: torch.Tensor) -> torch.Tensor:
-        """The most confident cell's box: ``[B,1,5]`` x1, y1, x2, y2 (input pixels), objectness."""
-        boxes = self.boxes(raw.float())
-        scores = raw[..., 4].flatten(1).float().sigmoid()
-        best = scores.argmax(dim=1)
+    def decode(self, raw: torch.Tensor,
+               choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The most confident cell's box, or the one ``choose(logits [B,K], boxes [B,K,4])`` picks from
+        the K cells' objectness logits and boxes (x1, y1, x2, y2): ``[B,1,5]`` x1, y1, x2, y2 (input
+        pixels), objectness."""
+        boxes = box_convert(self.boxes(raw.float()), "cxcywh", "xyxy")
+        logits = raw[..., 4].flatten(1).float()
+        scores = logits.sigmoid()
+        best = scores.argmax(dim=1) if choose is None else choose(logits, boxes)
         rows = torch.arange(raw.shape[0], device=raw.device)
-        xyxy = box_convert(boxes[rows, best], "cxcywh", "xyxy")
-        return torch.cat([xyxy, scores[rows, best, None]], dim=1)[:, None]
+        return torch.cat([boxes[rows, best], scores[rows, best, None]], dim=1)[:, None]

@@ -64,7 +64,8 @@ def reorder(scores: torch.Tensor, centres: torch.Tensor, towards: torch.Tensor, 
 class PositionWords(nn.Module):
     """The lexicon over a vocabulary: ``choose(scores [B,K], boxes [B,K,4+], refs [B,T])`` -> the
     candidate ``[B]`` each expression (token ids ``refs``) gets, by :func:`reorder` of its
-    log-softmaxed ``scores``; the best-scored candidate where the expression holds no position word."""
+    log-softmaxed ``scores`` (the weak model's anchor similarities, the student's cell objectness
+    logits); the best-scored candidate where the expression holds no position word."""
 
     def __init__(self, vocab: Sequence[str], tolerance: float):
         super().__init__()

@@ -7,6 +7,8 @@ anchor-free box head regresses one box per expression from the fused map; no anc
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from .blocks import ConvBNAct
 from .box_head import BoxHead
 from .fusion import MultiScaleFusion
 from .language_encoder import LanguageEncoder
+from .position_words import PositionWords
 from .detector import HEAD_STRIDES, YOLOv3
 
 
@@ -76,12 +79,14 @@ class Student(nn.Module):
     Training (``targets`` ``[B,1,4]``: cx, cy, w, h divided by S; optional ``weights`` ``[B]``, each
     sample's loss weight): a dict with the scalar ``'loss'`` and its parts (``iou``, ``obj``, ``l1``,
     see :class:`BoxHead`).
-    Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels.
+    Evaluation: ``[B,1,5]`` boxes (x1, y1, x2, y2, objectness) in letterboxed pixels: the most
+    confident cell's (with POSITION_WORDS, :class:`PositionWords` decides between the plausible ones).
     """
 
     supervised = True
 
-    def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int):
+    def __init__(self, cfg, pretrained_emb: np.ndarray | None, token_size: int,
+                 vocab: Sequence[str] | None = None):
         super().__init__()
         self.freeze_visual = cfg.VIS_FREEZE
         self.freeze_backbone_bn = cfg.FREEZE_BACKBONE_BN
@@ -104,6 +109,11 @@ class Student(nn.Module):
         for module in (self.fusion.mid_proj, self.fusion.bot_proj):
             module.requires_grad_(False)
         self.attention = CollectDiffuseAttention(s32, hidden)
+        self.position_words = None
+        if cfg.POSITION_WORDS == "lexicon":
+            if vocab is None:
+                raise ValueError("POSITION_WORDS: lexicon needs the vocabulary (build_model(..., vocab=))")
+            self.position_words = PositionWords(vocab, cfg.POSITION_TOLERANCE)
         self.box_head = BoxHead(s32, cfg.BOX_HEAD_CHANNELS, HEAD_STRIDES[0], cfg.BOX_IOU_LOSS, cfg.BOX_IOU_WEIGHT,
                                 cfg.BOX_L1_WEIGHT, obj_cost=cfg.BOX_OBJ_COST, center_radius=cfg.BOX_CENTER_RADIUS,
                                 activation=cfg.BOX_ACTIVATION)
@@ -125,7 +135,10 @@ class Student(nn.Module):
         fused = self.attention(self.fusion(s8, s16, s32), text)
         raw = self.box_head(fused)
         if not self.training:
-            return self.box_head.decode(raw)
+            if self.position_words is None:
+                return self.box_head.decode(raw)
+            return self.box_head.decode(raw, lambda logits, boxes: self.position_words.choose(logits, boxes,
+                                                                                               refs[:, 0]))
         if targets is None or targets.shape != (b, 1, 4):
             shape = None if targets is None else tuple(targets.shape)
             raise ValueError(f"the student learns from boxes: training needs targets [B={b}, 1, 4], got {shape}")

@@ -1,8 +1,9 @@
-"""POSITION_WORDS: the lexicon's rule (models/position_words.py), in the model's answer and in the
-pseudo-label export."""
+"""POSITION_WORDS: the lexicon's rule (models/position_words.py) in the weak model's and the
+student's answers and in the pseudo-label export."""
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from datasets import RefDataset, build_loader
 from models import build_model
@@ -134,8 +135,42 @@ def test_the_export_orders_each_entrys_plausible_boxes_by_its_words(tiny):
     assert (centre(left.boxes) <= centre(plain.boxes) + 1e-6).all() and (left.moved.any())
 
 
-def test_the_lexicon_needs_a_model_that_ranks_anchors(tiny):
-    for extra in (("ARCH=student",), ("APL_ALIGNMENT=true", "APL_ALIGN_PREDICT=true")):
-        with pytest.raises(ConfigError, match="POSITION_WORDS orders the candidates of a model that ranks anchors.*"
-                                              "set POSITION_WORDS=none"):
-            tiny_config(tiny, "POSITION_WORDS=lexicon", *extra)
+def test_the_lexicon_is_refused_where_apls_head_answers(tiny):
+    with pytest.raises(ConfigError, match="with APL_ALIGN_PREDICT APL's alignment head answers.*"
+                                          "set APL_ALIGN_PREDICT=false or POSITION_WORDS=none"):
+        tiny_config(tiny, "POSITION_WORDS=lexicon", "APL_ALIGNMENT=true", "APL_ALIGN_PREDICT=true")
+
+
+def _box_head_output(model, batch):
+    """The student's answers and its box head's raw output for ``batch``."""
+    seen = []
+    hook = model.box_head.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            answers = model(batch["image"], batch["refs"])[:, 0]
+    finally:
+        hook.remove()
+    return answers, seen[0]
+
+
+def test_the_student_answers_by_the_rule_among_its_cells(tiny):
+    plain_cfg = tiny_config(tiny, "ARCH=student")
+    cfg = tiny_config(tiny, "ARCH=student", "POSITION_WORDS=lexicon", "POSITION_TOLERANCE=2.0")
+    dataset = RefDataset(cfg, "val")
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg, None, len(dataset.vocab), dataset.vocab).eval()
+    lexicon = build_model(cfg, None, len(dataset.vocab), dataset.vocab).eval()
+    lexicon.load_state_dict(plain.state_dict())
+    batch = prepare_batch(plain, next(iter(build_loader(cfg, dataset, train=False))), CPU,
+                          mean_std=(cfg.MEAN, cfg.STD))
+    plain_answers, raw = _box_head_output(plain, batch)
+    assert torch.equal(_box_head_output(lexicon, batch)[0], plain_answers)
+    lexicon.position_words.directions[[dataset.token_to_ix[w] for w in ("red", "green", "blue")]] = \
+        torch.tensor([-1.0, 0.0])
+    answers, _ = _box_head_output(lexicon, batch)
+    boxes = box_convert(plain.box_head.boxes(raw.float()), "cxcywh", "xyxy")
+    log_probs = raw[..., 4].flatten(1).float().log_softmax(dim=1)
+    for answer, scores, cells in zip(answers, log_probs, boxes):
+        plausible = cells[scores >= scores.max() - 2.0]
+        assert (answer[0] + answer[2]) / 2 <= ((plausible[:, 0] + plausible[:, 2]) / 2).min() + 1e-4
+    assert not torch.equal(answers, plain_answers)

@@ -266,14 +266,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "ANCHOR_GEOMETRY": Key(False, "add to each anchor's embedding an MLP of its box's centre and size "
                                "(as fractions of the input), which position and size words can read",
                                changes_model=True),
-        "POSITION_WORDS": Key("none", "how a model that ranks anchors reads position words (left, right, top, "
-                              "bottom and their forms): 'none', as any word; 'lexicon', the candidates within "
-                              "POSITION_TOLERANCE of its best for an expression that holds one are ordered along "
-                              "the word's direction, the furthest that way chosen (in evaluation and in "
-                              "test.py --export-pseudo-labels; models/position_words.py)",
-                              choices=("none", "lexicon")),
+        "POSITION_WORDS": Key("none", "how a model reads position words (left, right, top, bottom and their "
+                              "forms): 'none', as any word; 'lexicon', its candidates within POSITION_TOLERANCE "
+                              "of its best for an expression that holds one (the weak model's anchors, the "
+                              "student's cells) are ordered along the word's direction, the furthest that way "
+                              "chosen, in evaluation and in test.py --export-pseudo-labels "
+                              "(models/position_words.py)", choices=("none", "lexicon")),
         "POSITION_TOLERANCE": Key(1.0, "with POSITION_WORDS: lexicon, how far below the best candidate's "
-                                  "log-probability (nats, per expression) a candidate is still plausible",
+                                  "log-probability (nats, per expression; the softmax of the anchors' similarities "
+                                  "or of the cells' objectness logits) a candidate is still plausible",
                                   range=(0, None)),
         # The student's box head (ARCH: student, models/box_head.py).
         "BOX_HEAD_CHANNELS": Key(256, "student: width of the box head's convolutions (SimREC's 256)",
@@ -522,10 +523,10 @@ def _validate(values: dict[str, Any]) -> None:
     if values["AGREEMENT_WEIGHT"] and values["NUM_REFS"] < 2:
         raise ConfigError(f"AGREEMENT_WEIGHT needs NUM_REFS of 2 or more (the expressions that agree), got "
                           f"{values['NUM_REFS']}")
-    if values["POSITION_WORDS"] != "none" and (values["ARCH"] != "weak"
-                                               or (values["APL_ALIGNMENT"] and values["APL_ALIGN_PREDICT"])):
-        raise ConfigError("POSITION_WORDS orders the candidates of a model that ranks anchors, and this one "
-                          "regresses its box (ARCH: student, or APL_ALIGN_PREDICT): set POSITION_WORDS=none")
+    if values["POSITION_WORDS"] != "none" and values["ARCH"] == "weak" and values["APL_ALIGNMENT"] \
+            and values["APL_ALIGN_PREDICT"]:
+        raise ConfigError("POSITION_WORDS orders a model's candidates, and with APL_ALIGN_PREDICT APL's alignment "
+                          "head answers, which it does not read: set APL_ALIGN_PREDICT=false or POSITION_WORDS=none")
     if values["REFERENT_WEIGHT"] and values["ARCH"] == "student":
         raise ConfigError("REFERENT_WEIGHT is a loss of the weak model (ARCH: weak); the student learns from boxes")
     if values["HIDDEN_SIZE"] % values["MULTI_HEAD"]:
