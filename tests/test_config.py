@@ -94,7 +94,7 @@ def test_config_files_follow_the_naming_scheme():
                 *(path for paths in folders.values() for path in paths),
                 *(f"{method}/README.md" for method in folders),
                 "synthetic/quickstart.yaml", "synthetic/apl.yaml", "synthetic/student.yaml", "synthetic/referents.yaml",
-                "synthetic/README.md"}
+                "synthetic/referents_student.yaml", "synthetic/README.md"}
     assert found == expected
 
 
