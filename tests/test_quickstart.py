@@ -67,7 +67,7 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
     # ground truth, one table and the breakdown by kind of expression; here with two rounds of
     # self-training and the switches of the export and of the students passed through.
     scheme_args = ("--student", "--rounds", "2", "--export-overrides", "PSEUDO_LABEL_ASSIGNMENT=joint",
-                   "--student-overrides", "PSEUDO_LABEL_WEIGHTING=margin", "EPOCHS=2")
+                   "--student-overrides", "PSEUDO_LABEL_WEIGHTING=margin", "POSITION_WORDS=lexicon", "EPOCHS=2")
     scheme = _quickstart(tmp_path, *scheme_args)
     assert scheme.returncode == 0, scheme.stdout[-3000:] + scheme.stderr[-3000:]
     last_line = scheme.stdout.strip().splitlines()[-1]
@@ -83,6 +83,7 @@ def test_mini_quickstart_runs_every_stage_then_reuses_them(tmp_path):
                for name in ("student_pseudo", "student_round2", "student_gt")}
     assert all(ckpt["epoch"] == 2 for ckpt in trained.values())
     assert [ckpt["config"]["DATA"]["PSEUDO_LABEL_WEIGHTING"] for ckpt in trained.values()] == ["margin", "margin", "none"]
+    assert all(ckpt["config"]["MODEL"]["POSITION_WORDS"] == "lexicon" for ckpt in trained.values())
     again = _quickstart(tmp_path, *scheme_args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "== pseudo-labels: reusing" in again.stdout and "== train student_round2: reusing" in again.stdout
