@@ -16,8 +16,8 @@ from .detector_cache import Detections
 from .fusion import MultiScaleFusion
 from .geometry import AnchorGeometry
 from .language_encoder import LanguageEncoder
-from .position_words import PositionWords
 from .loss import own_image, rec_loss
+from .position_words import build_position_words
 
 
 class REC(nn.Module):
@@ -61,11 +61,7 @@ class REC(nn.Module):
                     if cfg.USE_CMA else None)
         self.cma_pairwise = cfg.CMA_CONDITION == "query"
         self.geometry = AnchorGeometry(hidden) if cfg.ANCHOR_GEOMETRY else None
-        self.position_words = None
-        if cfg.POSITION_WORDS == "lexicon":
-            if vocab is None:
-                raise ValueError("POSITION_WORDS: lexicon needs the vocabulary (build_model(..., vocab=))")
-            self.position_words = PositionWords(vocab, cfg.POSITION_TOLERANCE)
+        self.position_words = build_position_words(cfg, vocab)
         # APL (models/apl.py, models/alignment.py): prompts fused into the anchor embeddings, a
         # reconstruction loss, a box head trained on the model's own answers.
         self.prompts = None

@@ -17,7 +17,7 @@ from .blocks import ConvBNAct
 from .box_head import BoxHead
 from .fusion import MultiScaleFusion
 from .language_encoder import LanguageEncoder
-from .position_words import PositionWords
+from .position_words import build_position_words
 from .detector import HEAD_STRIDES, YOLOv3
 
 
@@ -109,11 +109,7 @@ class Student(nn.Module):
         for module in (self.fusion.mid_proj, self.fusion.bot_proj):
             module.requires_grad_(False)
         self.attention = CollectDiffuseAttention(s32, hidden)
-        self.position_words = None
-        if cfg.POSITION_WORDS == "lexicon":
-            if vocab is None:
-                raise ValueError("POSITION_WORDS: lexicon needs the vocabulary (build_model(..., vocab=))")
-            self.position_words = PositionWords(vocab, cfg.POSITION_TOLERANCE)
+        self.position_words = build_position_words(cfg, vocab)
         self.box_head = BoxHead(s32, cfg.BOX_HEAD_CHANNELS, HEAD_STRIDES[0], cfg.BOX_IOU_LOSS, cfg.BOX_IOU_WEIGHT,
                                 cfg.BOX_L1_WEIGHT, obj_cost=cfg.BOX_OBJ_COST, center_radius=cfg.BOX_CENTER_RADIUS,
                                 activation=cfg.BOX_ACTIVATION)

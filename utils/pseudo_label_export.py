@@ -41,7 +41,7 @@ from datasets.pseudo_labels import MARGIN_FIELD
 from datasets.tokens import tokenize
 from models.box_head import aligned_iou
 from models.detector_cache import DetectorCache
-from models.position_words import direction, reorder
+from models.position_words import MERGE_IOU, direction, reorder
 
 from . import distributed as dist_utils
 from .config import Config, ConfigError
@@ -50,9 +50,6 @@ from .engine import prepare_batch
 from .evaluation import entry_votes, expression_answers, gt_xyxy, hits
 from .paths import prepare_output_file
 
-# Boxes overlapping with IoU above this are one box: Acc@0.5 could hardly tell them apart, and the
-# detector's neighbouring cells often predict the same object.
-MERGE_IOU = 0.5
 
 
 def vote_margins(votes: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
