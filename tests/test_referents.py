@@ -139,7 +139,7 @@ PASSES = 4
 
 def test_the_referent_contrast_falls_on_a_tiny_dataset(tiny):
     cfg = tiny_config(tiny, "GROUP_BY_IMAGE=true", "REFERENT_WEIGHT=1.0", "ANCHOR_GEOMETRY=true", "NUM_REFS=1",
-                  "BATCH_SIZE=4", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0")
+                      "BATCH_SIZE=4", "FNS_WEIGHT=0.0", "ER_WEIGHT=0.0")
     dataset = RefDataset(cfg, "train")
     torch.manual_seed(0)
     model = build_model(cfg, None, len(dataset.vocab), dataset.vocab)

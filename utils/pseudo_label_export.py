@@ -51,7 +51,6 @@ from .evaluation import entry_votes, expression_answers, gt_xyxy, hits
 from .paths import prepare_output_file
 
 
-
 def vote_margins(votes: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """``[N]``: each entry's vote for its label, candidate ``chosen`` ``[N]``, minus the best vote of a
     candidate whose box overlaps the label's with IoU <= :data:`MERGE_IOU` (``votes`` ``[N,K]``,
